@@ -1,0 +1,115 @@
+"""Image, video and audio in and out (PIL and PyAV)."""
+
+from __future__ import annotations
+
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+import av
+import numpy as np
+from PIL import Image
+
+from cosmos3.request import RequestError
+
+VIDEO_SUFFIXES = (".mp4", ".mov", ".avi", ".mkv", ".webm")
+
+
+def to_pil(frame: Any, field: str) -> Image.Image:
+    if isinstance(frame, Image.Image):
+        return frame.convert("RGB")
+    if isinstance(frame, np.ndarray):
+        if frame.ndim != 3 or frame.shape[-1] != 3:
+            raise RequestError(field, f"array of shape {frame.shape}", "an HxWx3 uint8 array")
+        if frame.dtype != np.uint8:
+            if np.issubdtype(frame.dtype, np.floating) and frame.min() >= 0 and frame.max() <= 1:
+                frame = (frame * 255).round()
+            frame = np.clip(frame, 0, 255).astype(np.uint8)
+        return Image.fromarray(frame)
+    raise RequestError(field, type(frame).__name__, "a path, a PIL image or an HxWx3 uint8 array")
+
+
+def load_image(source: Any, field: str = "image") -> Image.Image:
+    """A path (image file, or a video whose first frame is taken), PIL image or array -> RGB PIL image."""
+    if isinstance(source, (str, Path)):
+        path = Path(source)
+        if not path.is_file():
+            raise RequestError(field, str(source), "a readable image or video file", "does not exist")
+        if path.suffix.lower() in VIDEO_SUFFIXES:
+            return load_video(path, field)[0][0]
+        try:
+            with Image.open(path) as img:
+                return img.convert("RGB")
+        except Exception as exc:  # PIL raises several types for corrupt files
+            raise RequestError(field, str(source), "a readable JPEG/PNG/WebP image", f"cannot be read ({exc})") from exc
+    return to_pil(source, field)
+
+
+def load_video(source: Any, field: str = "video") -> tuple[list[Image.Image], float | None]:
+    """A path, a list of frames or a [T, H, W, 3] array -> (RGB PIL frames, fps or None)."""
+    if isinstance(source, (str, Path)):
+        path = Path(source)
+        if not path.is_file():
+            raise RequestError(field, str(source), "a readable video file", "does not exist")
+        if path.suffix.lower() not in VIDEO_SUFFIXES:
+            return [load_image(path, field)], None
+        try:
+            with av.open(str(path)) as container:
+                stream = container.streams.video[0]
+                fps = float(stream.average_rate) if stream.average_rate else None
+                frames = [f.to_image().convert("RGB") for f in container.decode(stream)]
+        except Exception as exc:
+            raise RequestError(field, str(source), "a readable MP4/MOV/MKV/WebM video", f"cannot be read ({exc})") from exc
+        if not frames:
+            raise RequestError(field, str(source), "a video with at least one frame", "has no frames")
+        return frames, fps
+    if isinstance(source, np.ndarray) and source.ndim == 4:
+        return [to_pil(f, field) for f in source], None
+    if isinstance(source, (list, tuple)) and source:
+        return [to_pil(f, field) for f in source], None
+    raise RequestError(field, type(source).__name__, "a path, a non-empty list of frames or a [T,H,W,3] array")
+
+
+def write_image(path: str | Path, frame: np.ndarray) -> None:
+    """JPEG (quality 95) or PNG by suffix, from uint8 `[H, W, 3]`."""
+    options = {"quality": 95} if str(path).lower().endswith((".jpg", ".jpeg")) else {}
+    Image.fromarray(frame).save(path, **options)
+
+
+def write_video(
+    path: str | Path,
+    frames: np.ndarray,
+    fps: float,
+    sound: np.ndarray | None = None,
+    sample_rate: int | None = None,
+) -> None:
+    """H.264 MP4 at `fps` from uint8 `[T, H, W, 3]`; with `sound` `[channels, samples]` an AAC track is muxed."""
+    t, h, w, _ = frames.shape
+    rate = Fraction(fps).limit_denominator(1001)
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream("libx264", rate=rate)
+        stream.width, stream.height = w - w % 2, h - h % 2  # yuv420p needs even sizes
+        stream.pix_fmt = "yuv420p"
+        stream.options = {"crf": "17", "preset": "medium"}
+        audio = None
+        if sound is not None:
+            layout = "stereo" if sound.shape[0] == 2 else "mono"
+            audio = container.add_stream("aac", rate=sample_rate, layout=layout)
+        for frame in frames:
+            video_frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame[: stream.height, : stream.width]))
+            for packet in stream.encode(video_frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+        if audio is not None:
+            samples = np.ascontiguousarray(sound.astype(np.float32))
+            chunk = 1024
+            for start in range(0, samples.shape[1], chunk):
+                piece = np.ascontiguousarray(samples[:, start : start + chunk])
+                audio_frame = av.AudioFrame.from_ndarray(piece, format="fltp", layout=audio.layout.name)
+                audio_frame.sample_rate = sample_rate
+                audio_frame.pts = start
+                for packet in audio.encode(audio_frame):
+                    container.mux(packet)
+            for packet in audio.encode():
+                container.mux(packet)

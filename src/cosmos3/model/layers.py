@@ -1,0 +1,201 @@
+"""Building blocks of the Mixture-of-Transformers: norms, MLP, rotary embedding, two-pathway attention."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cosmos3.config import TransformerConfig
+
+
+class RMSNorm(nn.Module):
+    """`weight * x / rms(x)`, statistics in fp32.
+
+    The Qwen flavour rounds the normalised value to the weight dtype before the multiply; the Nemotron flavour
+    (Edge) multiplies in fp32 and rounds once at the end. Both match their reference bit for bit in bf16.
+    """
+
+    def __init__(self, dim: int, eps: float, nemotron: bool = False):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+        self.nemotron = nemotron
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.nemotron:
+            x32 = x.float()
+            x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+            return (self.weight.float() * x32).to(x.dtype)
+        variance = x.float().pow(2).mean(-1, keepdim=True)
+        x = x * torch.rsqrt(variance + self.eps)
+        if self.weight.dtype in (torch.float16, torch.bfloat16):
+            x = x.to(self.weight.dtype)
+        return x * self.weight
+
+
+class MLP(nn.Module):
+    """SwiGLU (`down(silu(gate(x)) * up(x))`) or squared ReLU (`down(relu(up(x))^2)`)."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, act: str):
+        super().__init__()
+        self.act = act
+        if act == "silu":
+            self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.act == "relu2":
+            return self.down_proj(torch.relu(self.up_proj(x)).square())
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def rope_cos_sin(
+    position_ids: torch.Tensor, head_dim: int, theta: float, axes: list[int], dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Interleaved 3D mRoPE tables for `[3, N]` positions (T, H, W rows) -> cos, sin `[N, head_dim]`.
+
+    Frequency j takes its position from the T row, except j = 1, 4, 7, ... (< 3*axes[1]) from H and
+    j = 2, 5, 8, ... (< 3*axes[2]) from W: the layout THW THW ... TTTT the model was trained with.
+    Computed in fp32 (bf16 cannot hold positions past 256), then cast.
+    """
+    device = position_ids.device
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim))
+    freqs = position_ids.float()[:, :, None] * inv_freq  # [3, N, head_dim/2]
+    table = freqs[0].clone()
+    for row, offset in ((1, 1), (2, 2)):
+        sl = slice(offset, axes[row] * 3, 3)
+        table[:, sl] = freqs[row][:, sl]
+    emb = torch.cat([table, table], dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half rotary embedding on `[N, heads, head_dim]` with `[N, head_dim]` tables."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos[:, None] + rotated * sin[:, None]
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> torch.Tensor:
+    """SDPA over `[N, heads, head_dim]` tensors with grouped KV heads; returns `[N, heads * head_dim]`."""
+    out = F.scaled_dot_product_attention(
+        q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], is_causal=causal, enable_gqa=True
+    )
+    return out[0].transpose(0, 1).flatten(1)
+
+
+class MoTAttention(nn.Module):
+    """Two pathways with their own projections and norms.
+
+    The understanding (text) pathway attends causally to itself. The generation pathway attends,
+    without a mask, to the understanding keys/values followed by its own.
+    """
+
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        h, hd, nq, nkv, bias = (
+            cfg.hidden_size,
+            cfg.head_dim,
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            cfg.attention_bias,
+        )
+        self.num_heads, self.num_kv_heads, self.head_dim = nq, nkv, hd
+        norm = lambda: RMSNorm(hd, cfg.rms_norm_eps, cfg.nemotron_norm)
+        # Understanding pathway.
+        self.to_q = nn.Linear(h, nq * hd, bias=bias)
+        self.to_k = nn.Linear(h, nkv * hd, bias=bias)
+        self.to_v = nn.Linear(h, nkv * hd, bias=bias)
+        self.to_out = nn.Linear(nq * hd, h, bias=bias)
+        self.norm_q = norm() if cfg.qk_norm_for_text else nn.Identity()
+        self.norm_k = norm() if cfg.qk_norm_for_text else nn.Identity()
+        # Edge-style checkpoints normalise the understanding keys once more before generation queries see them.
+        self.k_norm_und_for_gen = norm() if cfg.use_und_k_norm_for_gen and not cfg.qk_norm_for_text else None
+        # Generation pathway.
+        self.add_q_proj = nn.Linear(h, nq * hd, bias=bias)
+        self.add_k_proj = nn.Linear(h, nkv * hd, bias=bias)
+        self.add_v_proj = nn.Linear(h, nkv * hd, bias=bias)
+        self.to_add_out = nn.Linear(nq * hd, h, bias=bias)
+        self.norm_added_q = norm()
+        self.norm_added_k = norm()
+
+    def und_kv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """Understanding-pathway q, k, v plus the keys as generation queries see them (all rotated)."""
+        q = self.norm_q(self.to_q(x).unflatten(-1, (self.num_heads, self.head_dim)))
+        k = self.norm_k(self.to_k(x).unflatten(-1, (self.num_kv_heads, self.head_dim)))
+        v = self.to_v(x).unflatten(-1, (self.num_kv_heads, self.head_dim))
+        k_for_gen = self.k_norm_und_for_gen(k) if self.k_norm_und_for_gen is not None else k
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, apply_rope(k_for_gen, cos, sin)
+
+    def forward(
+        self, und: torch.Tensor, gen: torch.Tensor, rope_und: tuple, rope_gen: tuple
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        q_und, k_und, v_und, k_und_for_gen = self.und_kv(und, *rope_und)
+        q_gen = self.norm_added_q(self.add_q_proj(gen).unflatten(-1, (self.num_heads, self.head_dim)))
+        k_gen = self.norm_added_k(self.add_k_proj(gen).unflatten(-1, (self.num_kv_heads, self.head_dim)))
+        v_gen = self.add_v_proj(gen).unflatten(-1, (self.num_kv_heads, self.head_dim))
+        q_gen, k_gen = apply_rope(q_gen, *rope_gen), apply_rope(k_gen, *rope_gen)
+
+        und_out = attention(q_und, k_und, v_und, causal=True)
+        gen_out = attention(q_gen, torch.cat([k_und_for_gen, k_gen]), torch.cat([v_und, v_gen]), causal=False)
+        return self.to_out(und_out), self.to_add_out(gen_out)
+
+
+class MoTDecoderLayer(nn.Module):
+    """Pre-norm residual block; the two token streams run in lock-step with separate norms and MLPs."""
+
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        norm = lambda: RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.nemotron_norm)
+        self.self_attn = MoTAttention(cfg)
+        self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act)
+        self.mlp_moe_gen = MLP(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act)
+        self.input_layernorm = norm()
+        self.post_attention_layernorm = norm()
+        self.input_layernorm_moe_gen = norm()
+        self.post_attention_layernorm_moe_gen = norm()
+
+    def forward(
+        self, und: torch.Tensor, gen: torch.Tensor, rope_und: tuple, rope_gen: tuple
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        a_und, a_gen = self.self_attn(self.input_layernorm(und), self.input_layernorm_moe_gen(gen), rope_und, rope_gen)
+        und = und + a_und
+        gen = gen + a_gen
+        und = und + self.mlp(self.post_attention_layernorm(und))
+        gen = gen + self.mlp_moe_gen(self.post_attention_layernorm_moe_gen(gen))
+        return und, gen
+
+
+class TimestepEmbedder(nn.Module):
+    """Sinusoid (cos first, 256 channels, max period 1e4) -> Linear -> SiLU -> Linear. Kept in fp32."""
+
+    def __init__(self, hidden_size: int, channels: int = 256):
+        super().__init__()
+        self.channels = channels
+        self.linear_1 = nn.Linear(channels, hidden_size)
+        self.linear_2 = nn.Linear(hidden_size, hidden_size)
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        half = self.channels // 2
+        freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+        args = t[:, None].float() * freqs[None]
+        emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1).to(self.linear_1.weight.dtype)
+        return self.linear_2(F.silu(self.linear_1(emb)))
+
+
+class DomainLinear(nn.Module):
+    """One `[in, out]` matrix and bias per embodiment domain, stored as embedding rows (the checkpoint layout)."""
+
+    def __init__(self, in_features: int, out_features: int, num_domains: int):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.fc = nn.Embedding(num_domains, in_features * out_features)
+        self.bias = nn.Embedding(num_domains, out_features)
+
+    def forward(self, x: torch.Tensor, domain_id: int) -> torch.Tensor:
+        weight = self.fc.weight[domain_id].view(self.in_features, self.out_features)
+        return x @ weight + self.bias.weight[domain_id]

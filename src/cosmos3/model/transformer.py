@@ -1,0 +1,146 @@
+"""The Cosmos 3 Mixture-of-Transformers denoiser.
+
+Parameter names are the published checkpoint's flat names, so loading is a plain `load_state_dict`
+after the renames in `cosmos3.checkpoint`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from cosmos3.config import TransformerConfig
+from cosmos3.model.layers import DomainLinear, MoTDecoderLayer, RMSNorm, TimestepEmbedder, rope_cos_sin
+from cosmos3.sequence import Packed
+
+
+def patchify(latent: torch.Tensor, p: int) -> torch.Tensor:
+    """`[C, T, h, w]` -> `[T * ceil(h/p) * ceil(w/p), p*p*C]`, zero-padding odd sizes bottom/right.
+
+    Tokens are frame-major, then patch row, then patch column; inside a token the layout is
+    (row-in-patch, col-in-patch, channel) with the channel fastest.
+    """
+    c, t, h, w = latent.shape
+    hp, wp = -(-h // p), -(-w // p)
+    if (hp * p, wp * p) != (h, w):
+        latent = torch.nn.functional.pad(latent, (0, wp * p - w, 0, hp * p - h))
+    latent = latent.reshape(c, t, hp, p, wp, p).permute(1, 2, 4, 3, 5, 0)
+    return latent.reshape(t * hp * wp, p * p * c)
+
+
+def unpatchify(tokens: torch.Tensor, t: int, h: int, w: int, p: int) -> torch.Tensor:
+    """Inverse of `patchify` for `t` frames; crops the padding."""
+    hp, wp = -(-h // p), -(-w // p)
+    c = tokens.shape[-1] // (p * p)
+    latent = tokens.reshape(t, hp, wp, p, p, c).permute(5, 0, 1, 3, 2, 4)
+    return latent.reshape(c, t, hp * p, wp * p)[:, :, :h, :w]
+
+
+class Cosmos3Transformer(nn.Module):
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        self.config = cfg
+        norm = lambda: RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.nemotron_norm)
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(MoTDecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.norm = norm()
+        self.norm_moe_gen = norm()
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.proj_in = nn.Linear(cfg.patch_latent_dim, cfg.hidden_size)
+        self.proj_out = nn.Linear(cfg.hidden_size, cfg.patch_latent_dim)
+        self.time_embedder = TimestepEmbedder(cfg.hidden_size)
+        if cfg.sound_gen:
+            self.audio_proj_in = nn.Linear(cfg.sound_dim, cfg.hidden_size)
+            self.audio_proj_out = nn.Linear(cfg.hidden_size, cfg.sound_dim)
+            self.audio_modality_embed = nn.Parameter(torch.zeros(cfg.hidden_size))
+        if cfg.action_gen:
+            self.action_proj_in = DomainLinear(cfg.action_dim, cfg.hidden_size, cfg.num_embodiment_domains)
+            self.action_proj_out = DomainLinear(cfg.hidden_size, cfg.action_dim, cfg.num_embodiment_domains)
+            self.action_modality_embed = nn.Parameter(torch.zeros(cfg.hidden_size))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed_tokens.weight.dtype
+
+    def time_embedding(self, timestep: float | torch.Tensor) -> torch.Tensor:
+        """Embedding of a scheduler timestep (0..1000 scale), in the model dtype."""
+        t = torch.as_tensor(timestep, device=self.proj_in.weight.device).reshape(1) * self.config.timestep_scale
+        return self.time_embedder(t).to(self.dtype)[0]
+
+    def embed_generation_tokens(
+        self,
+        packed: Packed,
+        vision: torch.Tensor,
+        temb: torch.Tensor,
+        sound: torch.Tensor | None,
+        action: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """Vision, sound and action latents -> gen-pathway hidden states, in sequence order.
+
+        Only noisy frames get the timestep embedding (clean ones get none, not a t=0 one); vision has no
+        modality embedding, sound and action do.
+        """
+        cfg = self.config
+        dtype = self.dtype
+        t, h, w = packed.vision_grid
+        per_frame = packed.vision_tokens_per_frame
+        x = self.proj_in(patchify(vision.to(dtype), cfg.latent_patch_size)).unflatten(0, (t, per_frame))
+        noisy = packed.vision_noisy_frames
+        x[noisy] = x[noisy] + temb
+        parts = [x.flatten(0, 1)]
+        if packed.sound_len:
+            s = self.audio_proj_in(sound.to(dtype).T) + self.audio_modality_embed
+            parts.append(s + temb)  # every sound frame is noisy
+        if packed.action_len:
+            a = self.action_proj_in(action.to(dtype), packed.action_domain) + self.action_modality_embed
+            noisy = packed.action_noisy_frames
+            if len(noisy):
+                a[noisy] = a[noisy] + temb
+            parts.append(a)
+        return torch.cat(parts)
+
+    def forward(
+        self,
+        packed: Packed,
+        vision: torch.Tensor,
+        timestep: float | torch.Tensor,
+        sound: torch.Tensor | None = None,
+        action: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """One denoiser pass over a packed sample.
+
+        vision `[C, T, h, w]`, sound `[S, T_s]`, action `[chunk, A]` latents; returns velocities of the same shapes,
+        exactly zero at clean (conditioning) frames.
+        """
+        cfg = self.config
+        und = self.embed_tokens(packed.input_ids)
+        gen = self.embed_generation_tokens(packed, vision, self.time_embedding(timestep), sound, action)
+        cos, sin = rope_cos_sin(packed.position_ids, cfg.head_dim, cfg.rope_theta, cfg.rope_axes_dim, self.dtype)
+        n = packed.und_len
+        rope_und, rope_gen = (cos[:n], sin[:n]), (cos[n:], sin[n:])
+        for layer in self.layers:
+            und, gen = layer(und, gen, rope_und, rope_gen)
+        gen = self.norm_moe_gen(gen)
+        return self.decode_generation_tokens(packed, gen)
+
+    def decode_generation_tokens(self, packed: Packed, gen: torch.Tensor):
+        cfg = self.config
+        t, h, w = packed.vision_grid
+        nv = t * packed.vision_tokens_per_frame
+        noisy = packed.vision_noisy_frames
+        vision_tokens = gen[:nv].unflatten(0, (t, packed.vision_tokens_per_frame))[noisy].flatten(0, 1)
+        v_vision = gen.new_zeros(cfg.latent_channel, t, h, w)
+        if len(noisy):
+            v_vision[:, noisy] = unpatchify(self.proj_out(vision_tokens), len(noisy), h, w, cfg.latent_patch_size)
+        v_sound = v_action = None
+        offset = nv
+        if packed.sound_len:
+            v_sound = self.audio_proj_out(gen[offset : offset + packed.sound_len]).T
+            offset += packed.sound_len
+        if packed.action_len:
+            v_action = gen.new_zeros(packed.action_len, cfg.action_dim)
+            noisy = packed.action_noisy_frames
+            if len(noisy):
+                rows = gen[offset : offset + packed.action_len][noisy]
+                v_action[noisy] = self.action_proj_out(rows, packed.action_domain)
+        return v_vision, v_sound, v_action

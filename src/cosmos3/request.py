@@ -1,0 +1,276 @@
+"""The one validated generation request that every front end (Python, CLI, spec file, HTTP) builds.
+
+Field names follow the documents (Framework inference JSON): `model_mode`/`mode`, `prompt`, `vision_path`,
+`num_steps`, `guidance`, `shift`, `fps`, `num_frames`, `resolution`, `aspect_ratio`, `seed`, `enable_sound`,
+and the action fields `domain_name`, `action_chunk_size`, `raw_action_dim`, `action_path`, `view_point`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+VIDEO_MODES = ("text2video", "image2video", "video2video")
+VISION_MODES = ("text2image",) + VIDEO_MODES
+ACTION_MODES = ("policy", "forward_dynamics", "inverse_dynamics")
+MODES = VISION_MODES + ACTION_MODES
+
+FPS_VALUES = (10, 16, 24, 30)
+MIN_FRAMES, MAX_FRAMES = 5, 300
+
+# Resolution tier x aspect ratio -> (width, height), from the documents.
+RESOLUTIONS: dict[str, dict[str, tuple[int, int]]] = {
+    "256": {"1,1": (256, 256), "4,3": (320, 256), "3,4": (256, 320), "16,9": (320, 192), "9,16": (192, 320)},
+    "480": {"1,1": (640, 640), "4,3": (736, 544), "3,4": (544, 736), "16,9": (832, 480), "9,16": (480, 832)},
+    "720": {"1,1": (960, 960), "4,3": (1104, 832), "3,4": (832, 1104), "16,9": (1280, 720), "9,16": (720, 1280)},
+}
+ACTION_TIERS = ("256", "480", "704", "720")
+
+# Embodiment -> (domain id of the action projections, raw action width). From the reference tables.
+EMBODIMENTS: dict[str, tuple[int, int | None]] = {
+    "no_action": (0, None),
+    "av": (1, 9),
+    "camera_pose": (2, 9),
+    "hand_pose": (3, 57),
+    "pusht": (4, 2),
+    "libero": (5, None),
+    "umi": (6, 10),
+    "bridge_orig_lerobot": (7, 10),
+    "droid_lerobot": (8, 10),
+    "robomind-franka": (8, 10),
+    "galbot": (9, 30),
+    "robomind-franka-dual": (12, 20),
+    "robomind-ur": (13, 10),
+    "agibotworld": (15, 29),
+    "agibot_gear_gripper": (15, 29),
+    "agibot_gear_gripper_ext": (15, 29),
+    "fractal": (20, 10),
+}
+VIEW_POINTS = ("ego_view", "third_person_view", "wrist_view", "concat_view")
+
+
+# The documents' defaults: 480p tier, 16:9, 189 frames (about 7.9 s at 24 fps), 35 steps, guidance 6.
+DEFAULTS: dict[str, Any] = {"resolution": "480", "aspect_ratio": "16,9", "num_frames": 189, "num_steps": 35,
+                            "guidance": 6.0}
+
+
+class RequestError(ValueError):
+    """A request field with a value that is not allowed. `field` names it for every front end."""
+
+    def __init__(self, field: str, value: Any, allowed: str, why: str = "is not allowed"):
+        self.field, self.value, self.allowed = field, value, allowed
+        shown = repr(value)
+        if len(shown) > 80:
+            shown = shown[:77] + "..."
+        super().__init__(f"{field}={shown} {why}; allowed: {allowed}")
+
+
+@dataclass
+class GenerateRequest:
+    mode: str = "text2video"
+    prompt: str = ""
+    negative_prompt: str | None = None
+    num_frames: int | None = None  # None: 1 for text2image, 189 for video modes, chunk + 1 for action modes
+    height: int | None = None  # explicit size wins over resolution/aspect_ratio
+    width: int | None = None
+    resolution: str | None = None  # tier; for action modes it picks the conditioning canvas
+    aspect_ratio: str | None = None
+    fps: float = 24.0
+    num_steps: int | None = None
+    guidance: float | None = None
+    shift: float | None = None  # None: the checkpoint scheduler's flow_shift
+    seed: int = 0
+    image: Any = None  # path, PIL image or HxWx3 uint8 array (image2video; policy/forward_dynamics)
+    video: Any = None  # path or list of frames (video2video; any action mode)
+    enable_sound: bool = False
+    use_system_prompt: bool | None = None  # None: the checkpoint's default (on for released checkpoints)
+    use_resolution_template: bool = True
+    use_duration_template: bool = True
+    condition_frame_indexes_vision: list[int] = field(default_factory=lambda: [0, 1])
+    condition_video_keep: str = "first"
+    # Action modes.
+    domain_name: str | None = None
+    action_chunk_size: int = 16
+    raw_action_dim: int | None = None  # optional cross-check of the domain's width
+    action: Any = None  # [steps][width] list/array or a JSON file path (forward_dynamics)
+    view_point: str | None = "ego_view"
+    chunks: int = 1  # chained chunks for long policy / forward_dynamics rollouts
+    name: str | None = None  # names the output in spec files and jobs
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> GenerateRequest:
+        """Build from a Framework-style dict (`model_mode`, `vision_path`, `action_path`, ...); unknown keys are errors."""
+        raw = dict(raw)
+        aliases = {"model_mode": "mode", "action_path": "action", "num_inference_steps": "num_steps",
+                   "guidance_scale": "guidance", "flow_shift": "shift", "image_size": "resolution"}
+        for alias, name in aliases.items():
+            if alias in raw:
+                if name in raw:
+                    raise RequestError(alias, raw[alias], f"only one of {alias!r} and {name!r}", "duplicates a field")
+                raw[name] = raw.pop(alias)
+        vision_path = raw.pop("vision_path", None)
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(raw) - names)
+        if unknown:
+            raise RequestError(unknown[0], raw[unknown[0]], ", ".join(sorted(names | {"model_mode", "vision_path"})),
+                               "is not a known field")
+        req = cls(**raw)
+        if vision_path is not None:
+            is_video = str(vision_path).lower().endswith((".mp4", ".mov", ".avi", ".mkv", ".webm"))
+            if is_video or req.mode in ("video2video", "inverse_dynamics"):
+                req.video = vision_path
+            else:
+                req.image = vision_path
+        return req
+
+    @property
+    def is_action(self) -> bool:
+        return self.mode in ACTION_MODES
+
+    def resolved(self, defaults: dict[str, Any] | None = None) -> GenerateRequest:
+        """A copy with defaults filled in and every field checked; raises RequestError naming the first bad field.
+
+        `defaults` (an engine's, e.g. smaller sizes for the tiny model) fill fields left unset, before DEFAULTS.
+        """
+        r = dataclasses.replace(self)
+        for name, value in {**DEFAULTS, **(defaults or {})}.items():
+            if name == "num_frames" and r.mode not in VIDEO_MODES:
+                continue  # text2image is one frame, action modes are action_chunk_size + 1
+            if getattr(r, name) is None:
+                setattr(r, name, value)
+        _check_choice("mode", r.mode, MODES)
+        if not isinstance(r.prompt, str):
+            raise RequestError("prompt", r.prompt, "a string (plain text or a JSON object serialised as text)")
+        if r.negative_prompt is not None and not isinstance(r.negative_prompt, str):
+            raise RequestError("negative_prompt", r.negative_prompt, "a string or null")
+        _check_int("num_steps", r.num_steps, 1, 1000)
+        _check_number("guidance", r.guidance, 0.0, 100.0)
+        if r.shift is not None:
+            _check_number("shift", r.shift, 1e-3, 1000.0)
+        _check_int("seed", r.seed, 0, 2**63 - 1)
+        for name in ("enable_sound", "use_resolution_template", "use_duration_template"):
+            if not isinstance(getattr(r, name), bool):
+                raise RequestError(name, getattr(r, name), "true or false")
+        if r.use_system_prompt is not None and not isinstance(r.use_system_prompt, bool):
+            raise RequestError("use_system_prompt", r.use_system_prompt, "true, false or null")
+        r.resolution = str(r.resolution)
+        if r.is_action:
+            _check_action(r)
+        else:
+            _check_vision(r)
+        return r
+
+
+def _check_choice(name: str, value: Any, allowed) -> None:
+    if value not in allowed:
+        raise RequestError(name, value, ", ".join(str(a) for a in allowed))
+
+
+def _check_int(name: str, value: Any, lo: int, hi: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise RequestError(name, value, f"an integer from {lo} to {hi}")
+
+
+def _check_number(name: str, value: Any, lo: float, hi: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise RequestError(name, value, f"a number from {lo} to {hi}")
+    if not lo <= value <= hi:
+        raise RequestError(name, value, f"a number from {lo} to {hi}")
+
+
+def _check_vision(r: GenerateRequest) -> None:
+    _check_number("fps", r.fps, 1, 120)
+    if r.fps not in FPS_VALUES:
+        raise RequestError("fps", r.fps, ", ".join(map(str, FPS_VALUES)))
+    if r.mode == "text2image":
+        if r.num_frames is None:
+            r.num_frames = 1
+        if r.num_frames != 1:
+            raise RequestError("num_frames", r.num_frames, "1 for text2image")
+    else:
+        _check_int("num_frames", r.num_frames, MIN_FRAMES, MAX_FRAMES)
+    if (r.height is None) != (r.width is None):
+        missing = "width" if r.width is None else "height"
+        raise RequestError(missing, None, "an integer multiple of 16 given together with the other side",
+                           "is missing")
+    if r.height is None:
+        _check_choice("resolution", r.resolution, tuple(RESOLUTIONS))
+        _check_choice("aspect_ratio", r.aspect_ratio, tuple(RESOLUTIONS[r.resolution]))
+        r.width, r.height = RESOLUTIONS[r.resolution][r.aspect_ratio]
+    else:
+        for name in ("height", "width"):
+            value = getattr(r, name)
+            _check_int(name, value, 16, 4096)
+            if value % 16:
+                raise RequestError(name, value, "a multiple of 16 (the VAE's spatial factor) from 16 to 4096")
+    if r.enable_sound and r.num_frames == 1:
+        raise RequestError("enable_sound", True, "false for text2image (sound needs a video)")
+    needs = {"image2video": "image", "video2video": "video"}
+    for name in ("image", "video"):
+        given = getattr(r, name) is not None
+        if given and needs.get(r.mode) != name:
+            raise RequestError(name, "<given>", f"only with mode={'image2video' if name == 'image' else 'video2video'}",
+                               f"does not fit mode={r.mode}")
+        if not given and needs.get(r.mode) == name:
+            raise RequestError(name, None, f"an {name} (path or array) for mode={r.mode}", "is missing")
+    if r.mode == "video2video":
+        idx = r.condition_frame_indexes_vision
+        latent_frames = (r.num_frames - 1) // 4 + 1
+        allowed = f"a non-empty list of distinct latent frame indexes from 0 to {latent_frames - 1}"
+        if (
+            isinstance(idx, (str, bytes))
+            or not isinstance(idx, (list, tuple))
+            or not idx
+            or not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < latent_frames for i in idx)
+        ):
+            raise RequestError("condition_frame_indexes_vision", idx, allowed)
+        r.condition_frame_indexes_vision = list(idx)
+        _check_choice("condition_video_keep", r.condition_video_keep, ("first", "last"))
+    if r.action is not None or r.domain_name is not None:
+        field_name = "action" if r.action is not None else "domain_name"
+        raise RequestError(field_name, "<given>", f"only with mode in {', '.join(ACTION_MODES)}",
+                           f"does not fit mode={r.mode}")
+    if r.chunks != 1:
+        raise RequestError("chunks", r.chunks, "1 for vision modes (chained chunks are for policy and forward_dynamics)")
+
+
+def _check_action(r: GenerateRequest) -> None:
+    _check_number("fps", r.fps, 1, 120)
+    if r.domain_name is None:
+        raise RequestError("domain_name", None, ", ".join(sorted(k for k, v in EMBODIMENTS.items() if v[1])),
+                           "is missing")
+    if r.domain_name not in EMBODIMENTS or EMBODIMENTS[r.domain_name][1] is None:
+        raise RequestError("domain_name", r.domain_name, ", ".join(sorted(k for k, v in EMBODIMENTS.items() if v[1])))
+    width = EMBODIMENTS[r.domain_name][1]
+    if r.raw_action_dim is not None and r.raw_action_dim != width:
+        raise RequestError("raw_action_dim", r.raw_action_dim, f"{width} for domain_name={r.domain_name}")
+    r.raw_action_dim = width
+    _check_int("action_chunk_size", r.action_chunk_size, 1, 1024)
+    frames = r.action_chunk_size + 1
+    if r.num_frames is not None and r.num_frames != frames:
+        raise RequestError("num_frames", r.num_frames,
+                           f"unset or {frames} (action_chunk_size + 1) for action modes")
+    r.num_frames = frames
+    if r.height is not None or r.width is not None:
+        raise RequestError("height" if r.height is not None else "width", r.height or r.width,
+                           "unset for action modes (the canvas comes from resolution and the input's aspect)")
+    _check_choice("resolution", r.resolution, ACTION_TIERS)
+    if r.view_point is not None:
+        _check_choice("view_point", r.view_point, VIEW_POINTS)
+    if r.image is not None and r.video is not None:
+        raise RequestError("image", "<given>", "either image or video, not both", "conflicts with video")
+    if r.image is None and r.video is None:
+        raise RequestError("video", None, "an image or a video (inverse_dynamics: a video)", "is missing")
+    if r.mode == "inverse_dynamics" and r.video is None:
+        raise RequestError("video", None, "a video for inverse_dynamics", "is missing")
+    if r.mode == "forward_dynamics" and r.action is None:
+        raise RequestError("action", None, f"a [steps][{width}] array or a JSON file of one", "is missing")
+    if r.mode != "forward_dynamics" and r.action is not None:
+        raise RequestError("action", "<given>", "only with mode=forward_dynamics", f"does not fit mode={r.mode}")
+    if r.enable_sound:
+        raise RequestError("enable_sound", True, "false for action modes")
+    _check_int("chunks", r.chunks, 1, 1000)
+    if r.chunks > 1 and r.mode == "inverse_dynamics":
+        raise RequestError("chunks", r.chunks, "1 for inverse_dynamics")

@@ -1,0 +1,206 @@
+"""The built-in `tiny` model: deterministic random weights in the published checkpoint layout.
+
+It is written once to a cache folder and then loaded like any checkpoint, so `cosmos3.load("tiny")` exercises
+the real loader. The reference `Cosmos3OmniPipeline.from_pretrained` can load the same folder, which is what
+the parity tests do.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from cosmos3.config import TransformerConfig, preset
+
+TINY_VERSION = "1"
+
+SPECIAL_TOKENS = [
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|object_ref_start|>",
+    "<|object_ref_end|>",
+    "<|box_start|>",
+    "<|box_end|>",
+    "<|quad_start|>",
+    "<|quad_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|vision_pad|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+]
+
+# Qwen-style chat template; list contents (text / image / video parts) are rendered as Qwen3-VL does.
+CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' -}}"
+    "{%- if message['content'] is string -%}{{- message['content'] -}}"
+    "{%- else -%}{%- for part in message['content'] -%}"
+    "{%- if part['type'] == 'image' or 'image' in part or 'image_url' in part -%}"
+    "{{- '<|vision_start|><|image_pad|><|vision_end|>' -}}"
+    "{%- elif part['type'] == 'video' or 'video' in part -%}"
+    "{{- '<|vision_start|><|video_pad|><|vision_end|>' -}}"
+    "{%- elif 'text' in part -%}{{- part['text'] -}}{%- endif -%}"
+    "{%- endfor -%}{%- endif -%}"
+    "{{- '<|im_end|>\\n' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
+)
+
+
+def build_tokenizer():
+    """A byte-level BPE tokenizer (one token per byte, no merges) with Qwen's special tokens and chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    backend.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|endoftext|>", clean_up_tokenization_spaces=False
+    )
+    tokenizer.add_special_tokens({"additional_special_tokens": SPECIAL_TOKENS})
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def random_transformer_weights(cfg: TransformerConfig, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Deterministic weights with healthy scales: linears ~ U(+-1/sqrt(fan_in)), norms ~ 1, embeddings ~ N(0, 0.02)."""
+    from cosmos3.model.transformer import Cosmos3Transformer
+
+    gen = torch.Generator().manual_seed(seed)
+    with torch.device("meta"):
+        model = Cosmos3Transformer(cfg)
+    weights = {}
+    for name, param in model.named_parameters():
+        shape = tuple(param.shape)
+        module = name.rpartition(".")[0].rpartition(".")[2]
+        if "norm" in module:
+            w = 1.0 + 0.1 * torch.randn(shape, generator=gen)
+        elif len(shape) == 2 and not name.endswith(("fc.weight", "bias.weight", "embed_tokens.weight")):
+            bound = shape[1] ** -0.5
+            w = (torch.rand(shape, generator=gen) * 2 - 1) * bound
+        elif name.endswith("fc.weight"):  # DomainLinear rows: a flattened [in, out] matrix per domain
+            fan_in = cfg.action_dim if "proj_in" in name else cfg.hidden_size
+            w = (torch.rand(shape, generator=gen) * 2 - 1) * fan_in**-0.5
+        else:
+            w = 0.02 * torch.randn(shape, generator=gen)
+        weights[name] = w.contiguous()
+    return weights
+
+
+def write_pipeline(folder: str | Path, cfg: TransformerConfig | None = None, seed: int = 0, max_shard_tensors: int = 0):
+    """Write a complete pipeline folder (model_index.json, transformer/, vae/, scheduler/, text_tokenizer/,
+    sound_tokenizer/) with random weights. `max_shard_tensors` > 0 splits the transformer into indexed shards."""
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler
+    from diffusers.models.autoencoders.autoencoder_cosmos3_audio import Cosmos3AVAEAudioTokenizer
+
+    cfg = cfg or preset("tiny")
+    folder = Path(folder)
+    (folder / "transformer").mkdir(parents=True, exist_ok=True)
+    config = {"_class_name": "Cosmos3OmniTransformer", "_diffusers_version": "0.42.1", **cfg.to_dict()}
+    (folder / "transformer" / "config.json").write_text(json.dumps(config, indent=2))
+    weights = random_transformer_weights(cfg, seed)
+    save_shards(weights, folder / "transformer", max_shard_tensors)
+
+    torch.manual_seed(seed)
+    z = cfg.latent_channel
+    gen = torch.Generator().manual_seed(seed + 1)
+    vae = AutoencoderKLWan(
+        base_dim=8,
+        z_dim=z,
+        dim_mult=[1, 1, 1, 1],
+        num_res_blocks=1,
+        temperal_downsample=[False, True, True],
+        is_residual=True,
+        in_channels=12,
+        out_channels=12,
+        patch_size=2,
+        scale_factor_spatial=16,
+        scale_factor_temporal=4,
+        latents_mean=(0.1 * torch.randn(z, generator=gen)).tolist(),
+        latents_std=(1.0 + 0.5 * torch.rand(z, generator=gen)).tolist(),
+    )
+    vae.save_pretrained(folder / "vae")
+    scheduler = UniPCMultistepScheduler(
+        num_train_timesteps=1000,
+        prediction_type="flow_prediction",
+        use_flow_sigmas=True,
+        flow_shift=10.0,
+        predict_x0=True,
+        solver_type="bh2",
+        solver_order=2,
+        lower_order_final=True,
+        final_sigmas_type="zero",
+    )
+    scheduler.save_pretrained(folder / "scheduler")
+    build_tokenizer().save_pretrained(folder / "text_tokenizer")
+    components = {
+        "transformer": ["diffusers", "Cosmos3OmniTransformer"],
+        "vae": ["diffusers", "AutoencoderKLWan"],
+        "scheduler": ["diffusers", "UniPCMultistepScheduler"],
+        "text_tokenizer": ["transformers", "PreTrainedTokenizerFast"],
+        "sound_tokenizer": [None, None],
+        "safety_checker": [None, None],
+    }
+    if cfg.sound_gen:
+        sound = Cosmos3AVAEAudioTokenizer(
+            vocoder_input_dim=cfg.sound_dim, dec_dim=4, enc_dim=8, enc_latent_dim=2 * cfg.sound_dim,
+            encoder_enabled=False,
+        )
+        sound.save_pretrained(folder / "sound_tokenizer")
+        components["sound_tokenizer"] = ["diffusers", "Cosmos3AVAEAudioTokenizer"]
+    index = {
+        "_class_name": "Cosmos3OmniPipeline",
+        "_diffusers_version": "0.42.1",
+        "default_use_system_prompt": True,
+        "enable_safety_checker": False,
+        "use_native_flow_schedule": False,
+        **components,
+    }
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2))
+    return folder
+
+
+def save_shards(weights: dict[str, torch.Tensor], folder: Path, max_shard_tensors: int = 0) -> None:
+    """One `diffusion_pytorch_model.safetensors`, or indexed shards of at most `max_shard_tensors` tensors."""
+    names = list(weights)
+    if max_shard_tensors <= 0 or len(names) <= max_shard_tensors:
+        save_file(weights, str(folder / "diffusion_pytorch_model.safetensors"))
+        return
+    groups = [names[i : i + max_shard_tensors] for i in range(0, len(names), max_shard_tensors)]
+    weight_map = {}
+    for i, group in enumerate(groups, start=1):
+        shard = f"diffusion_pytorch_model-{i:05d}-of-{len(groups):05d}.safetensors"
+        save_file({k: weights[k] for k in group}, str(folder / shard))
+        weight_map.update(dict.fromkeys(group, shard))
+    index = {"metadata": {"total_size": sum(w.numel() * w.element_size() for w in weights.values())},
+             "weight_map": weight_map}
+    (folder / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+def tiny_path() -> Path:
+    """The cached tiny pipeline folder, written on first use (atomically, so concurrent first uses are safe)."""
+    root = Path(os.environ.get("COSMOS3_CACHE", Path.home() / ".cache" / "cosmos3"))
+    folder = root / f"tiny-v{TINY_VERSION}"
+    if (folder / "model_index.json").is_file():
+        return folder
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix="tiny-", dir=root))
+    try:
+        write_pipeline(tmp)
+        try:
+            tmp.rename(folder)
+        except OSError:  # another process finished first
+            pass
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
