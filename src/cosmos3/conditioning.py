@@ -80,8 +80,10 @@ def video_to_video_pixels(
     return out
 
 
-def action_canvas(frames: list[Image.Image], tier: str, num_frames: int) -> tuple[torch.Tensor, tuple[int, int]]:
-    """Action conditioning clip on the tier's canvas; returns (pixels, (content_h, content_w)).
+def action_canvas(
+    frames: list[Image.Image], tier: str, num_frames: int
+) -> tuple[torch.Tensor, tuple[int, int], tuple[int, int]]:
+    """Action conditioning clip on the tier's canvas; returns (pixels, (canvas_h, canvas_w), (content_h, content_w)).
 
     Frames are first cropped to multiples of 16 by a bilinear stretch, as the reference's video processor does,
     the canvas is the tier entry nearest in aspect, then the clip is downscaled (bicubic, antialiased) to fit and
@@ -103,7 +105,7 @@ def action_canvas(frames: list[Image.Image], tier: str, num_frames: int) -> tupl
     if pad_w or pad_h:
         mode = "replicate" if pad_w >= content_w or pad_h >= content_h else "reflect"
         x = F.pad(x, (0, pad_w, 0, pad_h), mode=mode)
-    return x.permute(1, 0, 2, 3)[None].contiguous(), (content_h, content_w)
+    return x.permute(1, 0, 2, 3)[None].contiguous(), (canvas_h, canvas_w), (content_h, content_w)
 
 
 def canvas_size(height: int, width: int, tier: str) -> tuple[int, int]:

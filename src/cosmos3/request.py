@@ -95,6 +95,7 @@ class GenerateRequest:
     action_chunk_size: int = 16
     raw_action_dim: int | None = None  # optional cross-check of the domain's width
     action: Any = None  # [steps][width] list/array or a JSON file path (forward_dynamics)
+    action_stats: Any = None  # per-channel normalisation statistics (dict or JSON file) for raw actions
     view_point: str | None = "ego_view"
     chunks: int = 1  # chained chunks for long policy / forward_dynamics rollouts
     name: str | None = None  # names the output in spec files and jobs

@@ -95,7 +95,9 @@ def denoise(
             v_uncond = velocities(gen, packs[1], inputs)
             v = {k: v_uncond[k] + req.guidance * (v[k] - v_uncond[k]) for k in v}
         for s in streams:
-            if s.all_clean:  # nothing to denoise (forward dynamics actions): the scheduler is never stepped
+            # Forward-dynamics actions are all given: the reference never steps their scheduler. An all-clean vision
+            # stream (inverse dynamics) is still stepped with zero velocity, as the reference does.
+            if s.name == "action" and s.all_clean:
                 continue
             vel = v[s.name]
             if s.keep_channels is not None:

@@ -1,0 +1,172 @@
+"""`cosmos3` command line: generate (flags or Framework spec files), reason, serve."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from cosmos3.request import MODES, GenerateRequest, RequestError
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from exc
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="tiny", help="'tiny', a checkpoint folder, or a cached hub id")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    p.add_argument("--dtype", default=None, help="float32 or bfloat16 (default: bfloat16 on GPU, float32 on CPU)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cosmos3", description="Run the Cosmos 3 omni world models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="generate images, videos, sound and actions")
+    add_model_args(g)
+    g.add_argument("--spec", help="Framework inference JSON: one object or a list (vision_path relative to it)")
+    g.add_argument("--output", help="output file (.mp4, .jpg, .png); default outputs/<mode>.<ext>")
+    g.add_argument("--output-dir", default="outputs", help="where --spec runs write <name>/vision.* (default outputs)")
+    g.add_argument("--mode", choices=MODES, default=None)
+    g.add_argument("--prompt")
+    g.add_argument("--negative-prompt")
+    g.add_argument("--num-frames", type=int)
+    g.add_argument("--height", type=int)
+    g.add_argument("--width", type=int)
+    g.add_argument("--resolution", help="tier: 256, 480, 720 (action modes also 704)")
+    g.add_argument("--aspect-ratio", help="16,9 4,3 1,1 3,4 9,16")
+    g.add_argument("--fps", type=float)
+    g.add_argument("--num-steps", type=int)
+    g.add_argument("--guidance", type=float)
+    g.add_argument("--shift", type=float)
+    g.add_argument("--seed", type=int)
+    g.add_argument("--image", help="conditioning image (image2video, policy, forward_dynamics)")
+    g.add_argument("--video", help="conditioning video (video2video, action modes)")
+    g.add_argument("--enable-sound", action="store_true", default=None)
+    g.add_argument("--no-system-prompt", dest="use_system_prompt", action="store_false", default=None)
+    g.add_argument("--no-resolution-template", dest="use_resolution_template", action="store_false", default=None)
+    g.add_argument("--no-duration-template", dest="use_duration_template", action="store_false", default=None)
+    g.add_argument("--condition-frame-indexes-vision", type=_int_list, help="latent frames kept clean, e.g. 0,1")
+    g.add_argument("--condition-video-keep", choices=("first", "last"))
+    g.add_argument("--domain-name")
+    g.add_argument("--action-chunk-size", type=int)
+    g.add_argument("--raw-action-dim", type=int)
+    g.add_argument("--action-path", dest="action", help="JSON [steps][width] actions (forward_dynamics)")
+    g.add_argument("--action-stats", help="JSON per-channel normalization statistics for raw actions")
+    g.add_argument("--view-point")
+    g.add_argument("--chunks", type=int, help="chain N policy / forward_dynamics chunks into one rollout")
+
+    r = sub.add_parser("reason", help="text from text, images and video")
+    add_model_args(r)
+    r.add_argument("--prompt", required=True)
+    r.add_argument("--image", action="append", default=[])
+    r.add_argument("--video", action="append", default=[])
+    r.add_argument("--system")
+    r.add_argument("--max-tokens", type=int, default=256)
+    r.add_argument("--temperature", type=float, default=0.0)
+    r.add_argument("--top-p", type=float, default=1.0)
+    r.add_argument("--top-k", type=int, default=0)
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--stream", action="store_true")
+    return parser
+
+
+FLAG_FIELDS = (
+    "mode", "prompt", "negative_prompt", "num_frames", "height", "width", "resolution", "aspect_ratio", "fps",
+    "num_steps", "guidance", "shift", "seed", "image", "video", "enable_sound", "use_system_prompt",
+    "use_resolution_template", "use_duration_template", "condition_frame_indexes_vision", "condition_video_keep",
+    "domain_name", "action_chunk_size", "raw_action_dim", "action", "action_stats", "view_point", "chunks",
+)
+
+
+def requests_from_args(args: argparse.Namespace) -> list[tuple[GenerateRequest, Path]]:
+    """(request, output path) pairs from flags or a spec file; flags given with --spec override every entry."""
+    flags = {k: getattr(args, k) for k in FLAG_FIELDS if getattr(args, k, None) is not None}
+    if not args.spec:
+        flags.setdefault("mode", "text2video")
+        req = GenerateRequest.from_dict(flags)
+        ext = "jpg" if req.mode == "text2image" else "mp4"
+        return [(req, Path(args.output or f"{args.output_dir}/{req.mode}.{ext}"))]
+    spec_path = Path(args.spec)
+    try:
+        spec = json.loads(spec_path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise RequestError("spec", str(spec_path), "a readable JSON file (an object or a list of objects)",
+                           f"cannot be read ({exc})") from exc
+    entries = spec if isinstance(spec, list) else [spec]
+    out = []
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, dict):
+            raise RequestError(f"spec[{i}]", entry, "a JSON object")
+        entry = {**entry, **flags}
+        for key in ("vision_path", "action_path", "action_stats"):
+            value = entry.get(key)
+            if isinstance(value, str) and not Path(value).is_absolute() and "://" not in value:
+                entry[key] = str(spec_path.parent / value)
+        req = GenerateRequest.from_dict(entry)
+        name = req.name or f"sample_{i}"
+        ext = "jpg" if (req.mode or "text2video") == "text2image" else "mp4"
+        out.append((req, Path(args.output_dir) / name / f"vision.{ext}"))
+    return out
+
+
+def _device_dtype(args) -> tuple[str, str]:
+    import torch
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
+    return device, dtype
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from cosmos3.engine import TINY_DEFAULTS, load
+
+    jobs = requests_from_args(args)
+    defaults = TINY_DEFAULTS if args.model == "tiny" else {}
+    for req, _ in jobs:
+        req.resolved(defaults)  # fail fast, before the model loads
+    engine = load(args.model, *_device_dtype(args))
+    for req, output in jobs:
+        result = engine.generate(req)
+        for path in result.save(output):
+            print(f"wrote {path}")
+        if args.spec:
+            (output.parent / "sample_args.json").write_text(json.dumps(_jsonable(engine.request(req).__dict__)))
+    return 0
+
+
+def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: (v if isinstance(v, (str, int, float, bool, list, type(None))) else str(type(v).__name__))
+            for k, v in d.items()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "generate":
+            return cmd_generate(args)
+        if args.command == "reason":
+            from cosmos3.reasoner import cmd_reason
+
+            return cmd_reason(args)
+    except RequestError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # a clear line for users; the traceback stays available with COSMOS3_DEBUG=1
+        import os
+
+        if os.environ.get("COSMOS3_DEBUG"):
+            raise
+        print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
