@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -79,7 +80,9 @@ class Engine:
         if (path / "sound_tokenizer").is_dir():
             from diffusers.models.autoencoders.autoencoder_cosmos3_audio import Cosmos3AVAEAudioTokenizer
 
-            sound = Cosmos3AVAEAudioTokenizer.from_pretrained(path / "sound_tokenizer", torch_dtype=self.dtype)
+            with warnings.catch_warnings():  # the codec uses torch's legacy weight_norm, which warns on every load
+                warnings.simplefilter("ignore", FutureWarning)
+                sound = Cosmos3AVAEAudioTokenizer.from_pretrained(path / "sound_tokenizer", torch_dtype=self.dtype)
             sound = sound.to(self.device).eval()
         self.generator = Generator(
             self.transformer,

@@ -102,7 +102,8 @@ def write_video(
         for packet in stream.encode():
             container.mux(packet)
         if audio is not None:
-            samples = np.ascontiguousarray(sound.astype(np.float32))
+            # The audio decoder emits whole hops (up to one hop past the video); the file keeps the video's length.
+            samples = np.ascontiguousarray(sound[:, : round(t / fps * sample_rate)].astype(np.float32))
             chunk = 1024
             for start in range(0, samples.shape[1], chunk):
                 piece = np.ascontiguousarray(samples[:, start : start + chunk])
