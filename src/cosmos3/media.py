@@ -6,7 +6,6 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
-import av
 import numpy as np
 from PIL import Image
 
@@ -53,6 +52,8 @@ def load_video(source: Any, field: str = "video") -> tuple[list[Image.Image], fl
             raise RequestError(field, str(source), "a readable video file", "does not exist")
         if path.suffix.lower() not in VIDEO_SUFFIXES:
             return [load_image(path, field)], None
+        import av  # imported on use: the model code runs without PyAV (e.g. on benchmark machines)
+
         try:
             with av.open(str(path)) as container:
                 stream = container.streams.video[0]
@@ -84,6 +85,8 @@ def write_video(
     sample_rate: int | None = None,
 ) -> None:
     """H.264 MP4 at `fps` from uint8 `[T, H, W, 3]`; with `sound` `[channels, samples]` an AAC track is muxed."""
+    import av
+
     t, h, w, _ = frames.shape
     rate = Fraction(fps).limit_denominator(1001)
     with av.open(str(path), mode="w") as container:
