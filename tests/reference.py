@@ -26,24 +26,27 @@ def randomize(model: torch.nn.Module, seed: int) -> None:
 def reference_forward(ref, packed: Packed, vision, timestep: int, sound=None, action=None):
     """Call diffusers' Cosmos3OmniTransformer with the index tensors its pipeline would build for `packed`."""
     cfg = ref.config
+    dev = vision.device
+    arange = lambda a, b: torch.arange(a, b, device=dev)
+    full = lambda n: torch.full((n,), timestep, device=dev)
     und = packed.und_len
     t, h, w = packed.vision_grid
     per_frame = packed.vision_tokens_per_frame
     nv = t * per_frame
     noisy = packed.vision_noisy_frames
-    mse = torch.cat([torch.arange(und + f * per_frame, und + (f + 1) * per_frame) for f in noisy.tolist()] or
-                    [torch.zeros(0, dtype=torch.long)])
+    mse = torch.cat([arange(und + f * per_frame, und + (f + 1) * per_frame) for f in noisy.tolist()] or
+                    [torch.zeros(0, dtype=torch.long, device=dev)])
     kwargs = dict(
         input_ids=packed.input_ids,
-        text_indexes=torch.arange(und),
+        text_indexes=arange(0, und),
         position_ids=packed.position_ids,
         und_len=und,
         sequence_length=packed.seq_len,
         vision_tokens=[vision[None]],
         vision_token_shapes=[(t, math.ceil(h / cfg.latent_patch_size), math.ceil(w / cfg.latent_patch_size))],
-        vision_sequence_indexes=torch.arange(und, und + nv),
+        vision_sequence_indexes=arange(und, und + nv),
         vision_mse_loss_indexes=mse,
-        vision_timesteps=torch.full((len(noisy) * per_frame,), timestep),
+        vision_timesteps=full(len(noisy) * per_frame),
         vision_noisy_frame_indexes=[noisy],
     )
     offset = und + nv
@@ -52,24 +55,24 @@ def reference_forward(ref, packed: Packed, vision, timestep: int, sound=None, ac
         kwargs.update(
             sound_tokens=[sound],
             sound_token_shapes=[(n, 1, 1)],
-            sound_sequence_indexes=torch.arange(offset, offset + n),
-            sound_mse_loss_indexes=torch.arange(offset, offset + n),
-            sound_timesteps=torch.full((n,), timestep),
-            sound_noisy_frame_indexes=[torch.arange(n)],
+            sound_sequence_indexes=arange(offset, offset + n),
+            sound_mse_loss_indexes=arange(offset, offset + n),
+            sound_timesteps=full(n),
+            sound_noisy_frame_indexes=[arange(0, n)],
         )
         offset += n
     if action is not None:
         n = packed.action_len
         a_noisy = packed.action_noisy_frames
-        idx = torch.arange(offset, offset + n)
+        idx = arange(offset, offset + n)
         kwargs.update(
             action_tokens=[action],
             action_token_shapes=[(n, 1, 1)],
             action_sequence_indexes=idx,
             action_mse_loss_indexes=idx[a_noisy],
-            action_timesteps=torch.full((len(a_noisy),), timestep),
+            action_timesteps=full(len(a_noisy)),
             action_noisy_frame_indexes=[a_noisy],
-            action_domain_ids=[torch.tensor([packed.action_domain])],
+            action_domain_ids=[torch.tensor([packed.action_domain], device=dev)],
         )
     out = ref(**kwargs, return_dict=False)
     v_vision = out[0][0][0]
