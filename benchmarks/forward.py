@@ -18,7 +18,13 @@ from cosmos3.config import preset
 from cosmos3.model.transformer import Cosmos3Transformer
 from cosmos3.sequence import pack
 
-SIZES = {"tiny-smoke": (9, 64, 96), "t2i-720p": (1, 720, 1280), "256p": (189, 192, 320), "480p": (189, 480, 832), "720p": (189, 720, 1280)}
+SIZES = {
+    "tiny-smoke": (9, 64, 96),
+    "t2i-720p": (1, 720, 1280),
+    "256p": (189, 192, 320),
+    "480p": (189, 480, 832),
+    "720p": (189, 720, 1280),
+}
 
 
 def build_models(name: str, device: str):
@@ -38,8 +44,9 @@ def build_models(name: str, device: str):
             else:
                 p.data = (0.02 * torch.randn(p.shape, generator=gen, device=device)).to(torch.bfloat16)
         ref.time_embedder.float()
-        ref.rotary_emb.inv_freq = 1.0 / (cfg.rope_theta ** (
-            torch.arange(0, cfg.head_dim, 2, dtype=torch.float32, device=device) / cfg.head_dim))
+        ref.rotary_emb.inv_freq = 1.0 / (
+            cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float32, device=device) / cfg.head_dim)
+        )
     ref.eval()
     with torch.device("meta"):
         ours = Cosmos3Transformer(cfg)
@@ -91,21 +98,34 @@ def main() -> None:
         packed = pack(cfg, ids, shape, [], 24.0, 4, device=device)
         vision = torch.randn(cfg.latent_channel, *shape, generator=g).to(device, torch.bfloat16)
         with torch.inference_mode():
-            t_ref, mem_ref, out_ref = timed(lambda: reference_forward(ref, packed, vision, 937)[0], args.repeat)
-            t_ours, mem_ours, out_ours = timed(lambda: ours(packed, vision, 937)[0], args.repeat)
+            t_ref, mem_ref, out_ref = timed(
+                lambda p=packed, v=vision: reference_forward(ref, p, v, 937)[0], args.repeat
+            )
+            t_ours, mem_ours, out_ours = timed(lambda p=packed, v=vision: ours(p, v, 937)[0], args.repeat)
         diff = ((out_ours.float() - out_ref.float()).abs().max() / out_ref.float().abs().max()).item()
-        row = dict(size=size, gen_tokens=shape[0] * packed.vision_tokens_per_frame, diffusers_s=round(t_ref, 4),
-                   cosmos3_s=round(t_ours, 4), ratio=round(t_ours / t_ref, 3), diffusers_peak_gib=round(mem_ref, 2),
-                   cosmos3_peak_gib=round(mem_ours, 2), max_rel_diff=float(f"{diff:.3g}"))
+        row = dict(
+            size=size,
+            gen_tokens=shape[0] * packed.vision_tokens_per_frame,
+            diffusers_s=round(t_ref, 4),
+            cosmos3_s=round(t_ours, 4),
+            ratio=round(t_ours / t_ref, 3),
+            diffusers_peak_gib=round(mem_ref, 2),
+            cosmos3_peak_gib=round(mem_ours, 2),
+            max_rel_diff=float(f"{diff:.3g}"),
+        )
         rows.append(row)
         print(json.dumps(row), flush=True)
     gpu = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     print(f"\n{gpu}, torch {torch.__version__}, weights {weights_gib:.1f} GiB, {time.strftime('%Y-%m-%d')}")
-    print("| size | gen tokens | diffusers s | cosmos3 s | ratio | diffusers peak GiB | cosmos3 peak GiB | max rel diff |")
+    print(
+        "| size | gen tokens | diffusers s | cosmos3 s | ratio | diffusers peak GiB | cosmos3 peak GiB | max rel diff |"
+    )
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
-        print(f"| {r['size']} | {r['gen_tokens']:,} | {r['diffusers_s']} | {r['cosmos3_s']} | {r['ratio']} | "
-              f"{r['diffusers_peak_gib']} | {r['cosmos3_peak_gib']} | {r['max_rel_diff']} |")
+        print(
+            f"| {r['size']} | {r['gen_tokens']:,} | {r['diffusers_s']} | {r['cosmos3_s']} | {r['ratio']} | "
+            f"{r['diffusers_peak_gib']} | {r['cosmos3_peak_gib']} | {r['max_rel_diff']} |"
+        )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)

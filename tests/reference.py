@@ -34,8 +34,10 @@ def reference_forward(ref, packed: Packed, vision, timestep: int, sound=None, ac
     per_frame = packed.vision_tokens_per_frame
     nv = t * per_frame
     noisy = packed.vision_noisy_frames
-    mse = torch.cat([arange(und + f * per_frame, und + (f + 1) * per_frame) for f in noisy.tolist()] or
-                    [torch.zeros(0, dtype=torch.long, device=dev)])
+    mse = torch.cat(
+        [arange(und + f * per_frame, und + (f + 1) * per_frame) for f in noisy.tolist()]
+        or [torch.zeros(0, dtype=torch.long, device=dev)]
+    )
     kwargs = dict(
         input_ids=packed.input_ids,
         text_indexes=arange(0, und),

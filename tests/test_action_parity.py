@@ -7,11 +7,11 @@ import pytest
 import torch
 from diffusers import Cosmos3OmniPipeline
 from diffusers.pipelines.cosmos.pipeline_cosmos3_omni import CosmosActionCondition
+from test_generator_parity import gradient_image
 
 import cosmos3
 from cosmos3.request import EMBODIMENTS
 from cosmos3.tiny import write_pipeline
-from test_generator_parity import gradient_image
 
 
 @pytest.fixture(scope="module")
@@ -46,15 +46,38 @@ def test_action_mode_matches_reference(pair, case):
     video = [gradient_image(w, h, s) for s in range(n_video)] if n_video else None
     ref = pipe(
         prompt="pick up the red cup",
-        action=CosmosActionCondition(mode=mode, chunk_size=chunk, domain_name=domain, resolution_tier=int(tier),
-                                     raw_actions=torch.from_numpy(actions) if actions is not None else None,
-                                     image=image, video=video, view_point=view),
-        fps=10.0, num_inference_steps=4, guidance_scale=guidance, generator=torch.Generator().manual_seed(21),
+        action=CosmosActionCondition(
+            mode=mode,
+            chunk_size=chunk,
+            domain_name=domain,
+            resolution_tier=int(tier),
+            raw_actions=torch.from_numpy(actions) if actions is not None else None,
+            image=image,
+            video=video,
+            view_point=view,
+        ),
+        fps=10.0,
+        num_inference_steps=4,
+        guidance_scale=guidance,
+        generator=torch.Generator().manual_seed(21),
         output_type="latent",
     )
-    ours = engine.generate(mode=mode, prompt="pick up the red cup", domain_name=domain, action_chunk_size=chunk,
-                           resolution=tier, action=actions, image=image, video=video, view_point=view, fps=10.0,
-                           num_steps=4, guidance=guidance, seed=21, progress=False)
+    ours = engine.generate(
+        mode=mode,
+        prompt="pick up the red cup",
+        domain_name=domain,
+        action_chunk_size=chunk,
+        resolution=tier,
+        action=actions,
+        image=image,
+        video=video,
+        view_point=view,
+        fps=10.0,
+        num_steps=4,
+        guidance=guidance,
+        seed=21,
+        progress=False,
+    )
     assert ours.latents.shape == ref.video.shape
     torch.testing.assert_close(ours.latents, ref.video, atol=1e-4, rtol=0)
     if mode == "forward_dynamics":
@@ -68,8 +91,18 @@ def test_action_mode_matches_reference(pair, case):
 
 def test_chained_rollout(pair, tmp_path):
     _, engine = pair
-    fields = dict(mode="policy", prompt="push the block", domain_name="pusht", action_chunk_size=4, resolution="256",
-                  image=gradient_image(96, 64, 1), num_steps=2, guidance=1.0, seed=5, progress=False)
+    fields = dict(
+        mode="policy",
+        prompt="push the block",
+        domain_name="pusht",
+        action_chunk_size=4,
+        resolution="256",
+        image=gradient_image(96, 64, 1),
+        num_steps=2,
+        guidance=1.0,
+        seed=5,
+        progress=False,
+    )
     single = engine.generate(**fields)
     chained = engine.generate(**fields, chunks=3)
     assert chained.video.shape[0] == 1 + 3 * 4  # each chunk adds chunk_size frames after the shared one
@@ -83,8 +116,18 @@ def test_chained_rollout(pair, tmp_path):
 def test_action_stats_round_trip(pair, tmp_path):
     _, engine = pair
     stats = {"mean": [0.5, -1.0], "std": [2.0, 4.0]}
-    fields = dict(mode="policy", prompt="push", domain_name="pusht", action_chunk_size=4, resolution="256",
-                  image=gradient_image(64, 64, 2), num_steps=2, guidance=1.0, seed=1, progress=False)
+    fields = dict(
+        mode="policy",
+        prompt="push",
+        domain_name="pusht",
+        action_chunk_size=4,
+        resolution="256",
+        image=gradient_image(64, 64, 2),
+        num_steps=2,
+        guidance=1.0,
+        seed=1,
+        progress=False,
+    )
     plain = engine.generate(**fields)
     scaled = engine.generate(**fields, action_stats=stats)
     np.testing.assert_allclose(scaled.action, plain.action * np.array([2.0, 4.0]) + np.array([0.5, -1.0]), rtol=1e-6)

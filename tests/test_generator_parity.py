@@ -16,8 +16,15 @@ from cosmos3.tiny import write_pipeline
 PIPELINES = {
     "tiny": preset("tiny"),
     "relu2-p1": preset("tiny").__class__(
-        **{**preset("tiny").__dict__, "hidden_act": "relu2", "qk_norm_for_text": False,
-           "use_und_k_norm_for_gen": True, "latent_patch_size": 1, "latent_channel": 12, "rms_norm_eps": 1e-5}
+        **{
+            **preset("tiny").__dict__,
+            "hidden_act": "relu2",
+            "qk_norm_for_text": False,
+            "use_und_k_norm_for_gen": True,
+            "latent_patch_size": 1,
+            "latent_channel": 12,
+            "rms_norm_eps": 1e-5,
+        }
     ),
 }
 
@@ -41,8 +48,9 @@ def run_both(pipe, engine, **fields):
     req = engine.request(**fields)
     scheduler = pipe.scheduler
     if req.shift is not None:  # how the documents set a shift on the reference
-        pipe.scheduler = UniPCMultistepScheduler.from_config(scheduler.config, flow_shift=req.shift,
-                                                             use_karras_sigmas=False)
+        pipe.scheduler = UniPCMultistepScheduler.from_config(
+            scheduler.config, flow_shift=req.shift, use_karras_sigmas=False
+        )
     ref_kwargs = dict(
         prompt=req.prompt,
         negative_prompt=req.negative_prompt,
@@ -61,8 +69,11 @@ def run_both(pipe, engine, **fields):
     if req.mode == "image2video":
         ref_kwargs["image"] = req.image
     if req.mode == "video2video":
-        ref_kwargs.update(video=req.video, condition_frame_indexes_vision=req.condition_frame_indexes_vision,
-                          condition_video_keep=req.condition_video_keep)
+        ref_kwargs.update(
+            video=req.video,
+            condition_frame_indexes_vision=req.condition_frame_indexes_vision,
+            condition_video_keep=req.condition_video_keep,
+        )
     try:
         ref_latent = pipe(**ref_kwargs, output_type="latent")
         ref_kwargs["generator"] = torch.Generator().manual_seed(req.seed)
@@ -87,29 +98,56 @@ CASES = {
     "t2i-guided": dict(mode="text2image", height=64, width=80, guidance=4.0),
     "t2i-unguided-no-system": dict(mode="text2image", height=48, width=48, guidance=1.0, use_system_prompt=False),
     "t2v-odd-latent": dict(mode="text2video", num_frames=9, height=48, width=80, guidance=6.0),
-    "t2v-no-templates": dict(mode="text2video", num_frames=5, height=64, width=64, guidance=2.5,
-                             use_resolution_template=False, use_duration_template=False, fps=16),
+    "t2v-no-templates": dict(
+        mode="text2video",
+        num_frames=5,
+        height=64,
+        width=64,
+        guidance=2.5,
+        use_resolution_template=False,
+        use_duration_template=False,
+        fps=16,
+    ),
     "t2v-guidance-below-1": dict(mode="text2video", num_frames=5, height=32, width=48, guidance=0.5),
     "t2v-sound": dict(mode="text2video", num_frames=9, height=32, width=48, guidance=3.0, enable_sound=True, fps=30),
-    "t2v-json-prompt-shift": dict(mode="text2video", num_frames=5, height=32, width=64, shift=5.0,
-                                  prompt='{"subjects": [{"description": "a robot"}], "fps": 24}'),
+    "t2v-json-prompt-shift": dict(
+        mode="text2video",
+        num_frames=5,
+        height=32,
+        width=64,
+        shift=5.0,
+        prompt='{"subjects": [{"description": "a robot"}], "fps": 24}',
+    ),
     "t2v-tier-256-3x4": dict(mode="text2video", num_frames=5, resolution="256", aspect_ratio="3,4", num_steps=2),
     "i2v": dict(mode="image2video", num_frames=9, height=48, width=64, image=gradient_image(90, 40, 1)),
-    "i2v-portrait-sound": dict(mode="image2video", num_frames=5, height=64, width=32, enable_sound=True,
-                               image=gradient_image(50, 70, 2)),
-    "v2v-first": dict(mode="video2video", num_frames=13, height=32, width=48,
-                      video=[gradient_image(60, 40, s) for s in range(7)]),
-    "v2v-last-index-2": dict(mode="video2video", num_frames=13, height=32, width=48,
-                             condition_frame_indexes_vision=[0, 2], condition_video_keep="last",
-                             video=[gradient_image(50, 30, s) for s in range(12)]),
+    "i2v-portrait-sound": dict(
+        mode="image2video", num_frames=5, height=64, width=32, enable_sound=True, image=gradient_image(50, 70, 2)
+    ),
+    "v2v-first": dict(
+        mode="video2video", num_frames=13, height=32, width=48, video=[gradient_image(60, 40, s) for s in range(7)]
+    ),
+    "v2v-last-index-2": dict(
+        mode="video2video",
+        num_frames=13,
+        height=32,
+        width=48,
+        condition_frame_indexes_vision=[0, 2],
+        condition_video_keep="last",
+        video=[gradient_image(50, 30, s) for s in range(12)],
+    ),
 }
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_mode_matches_reference(pair, case):
     pipe, engine = pair
-    fields = {"prompt": "A robot arm picks up a cup.", "negative_prompt": "blurry", "num_steps": 4, "seed": 11,
-              **CASES[case]}
+    fields = {
+        "prompt": "A robot arm picks up a cup.",
+        "negative_prompt": "blurry",
+        "num_steps": 4,
+        "seed": 11,
+        **CASES[case],
+    }
     assert_same(*run_both(pipe, engine, **fields))
 
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 from diffusers import Cosmos3OmniTransformer
+from reference import randomize, reference_forward
 
 from cosmos3.engine import load_transformer
 from cosmos3.sequence import pack
-from reference import randomize, reference_forward
 
 BASE = dict(
     hidden_size=64,
@@ -29,11 +29,20 @@ BASE = dict(
 CONFIGS = {
     "silu-qknorm-p2": dict(latent_patch_size=2, patch_latent_dim=32),
     "relu2-edge-p1": dict(
-        hidden_act="relu2", qk_norm_for_text=False, use_und_k_norm_for_gen=True, latent_patch_size=1,
-        patch_latent_dim=8, rms_norm_eps=1e-5, rope_theta=1e8,
+        hidden_act="relu2",
+        qk_norm_for_text=False,
+        use_und_k_norm_for_gen=True,
+        latent_patch_size=1,
+        patch_latent_dim=8,
+        rms_norm_eps=1e-5,
+        rope_theta=1e8,
     ),
     "silu-noqknorm-bias": dict(
-        qk_norm_for_text=False, attention_bias=True, latent_patch_size=2, patch_latent_dim=32, enable_fps_modulation=False
+        qk_norm_for_text=False,
+        attention_bias=True,
+        latent_patch_size=2,
+        patch_latent_dim=32,
+        enable_fps_modulation=False,
     ),
     "silu-und-k-norm-ignored": dict(use_und_k_norm_for_gen=True, latent_patch_size=2, patch_latent_dim=32),
 }
@@ -70,8 +79,15 @@ def test_forward_matches_diffusers(models, case):
     ids = torch.randint(0, cfg.vocab_size, (11,), generator=gen).tolist()
     action_len = 16 if action else 0
     packed = pack(
-        cfg, ids, (t, h, w), clean, fps=16.0, vae_temporal_compression=4, sound_len=sound_len,
-        action_len=action_len, action_clean_frames=action[1] if action else None,
+        cfg,
+        ids,
+        (t, h, w),
+        clean,
+        fps=16.0,
+        vae_temporal_compression=4,
+        sound_len=sound_len,
+        action_len=action_len,
+        action_clean_frames=action[1] if action else None,
         action_domain=action[0] if action else 0,
     )
     vision = torch.randn(cfg.latent_channel, t, h, w, generator=gen)
@@ -82,7 +98,7 @@ def test_forward_matches_diffusers(models, case):
         expected = reference_forward(ref, packed, vision, timestep, sound, act)
         got = ours(packed, vision, timestep, sound, act)
     all_clean = {"vision": len(clean) == t, "sound": False, "action": bool(action) and len(action[1]) == action_len}
-    for name, e, g in zip(("vision", "sound", "action"), expected, got):
+    for name, e, g in zip(("vision", "sound", "action"), expected, got, strict=True):
         assert (e is None) == (g is None), name
         if e is None:
             continue

@@ -43,8 +43,12 @@ def load_actions(source: Any, width: int, field: str = "action") -> np.ndarray:
     except (TypeError, ValueError) as exc:
         raise RequestError(field, "<array>", f"a [steps][{width}] array of numbers", "is not numeric") from exc
     if arr.ndim != 2 or arr.shape[0] < 1 or arr.shape[1] != width:
-        raise RequestError(field, f"array of shape {list(arr.shape)}", f"a [steps][{width}] array with steps >= 1",
-                           "has the wrong shape")
+        raise RequestError(
+            field,
+            f"array of shape {list(arr.shape)}",
+            f"a [steps][{width}] array with steps >= 1",
+            "has the wrong shape",
+        )
     if not np.isfinite(arr).all():
         raise RequestError(field, "<array>", "finite numbers", "contains NaN or infinity")
     return arr
@@ -73,8 +77,11 @@ class ActionScaler:
                 lo = np.asarray(data[lo_key], dtype=np.float64)
                 hi = np.asarray(data[hi_key], dtype=np.float64)
                 if lo.shape != (width,) or hi.shape != (width,):
-                    raise RequestError("action_stats", f"{lo_key}/{hi_key} of length {lo.size}/{hi.size}",
-                                       f"lists of {width} numbers (the domain's action width)")
+                    raise RequestError(
+                        "action_stats",
+                        f"{lo_key}/{hi_key} of length {lo.size}/{hi.size}",
+                        f"lists of {width} numbers (the domain's action width)",
+                    )
                 offset, scale = (lo, hi) if zscore else ((lo + hi) / 2, (hi - lo) / 2)
                 scale = np.where(np.abs(scale) < 1e-8, 1.0, scale)  # constant channels pass through unscaled
                 return cls(offset.astype(np.float32), scale.astype(np.float32))
@@ -92,13 +99,19 @@ def warn_out_of_range(normalized: np.ndarray, scaled: bool) -> list[int]:
     peak = np.abs(normalized).max(axis=0)
     far = [i for i, p in enumerate(peak) if p > 5.0]
     if far:
-        logger.warning("action channels %s reach |x| up to %.3g, far outside the normalised range (about [-1, 1]); "
-                       "%s", far, float(peak.max()),
-                       "check action_stats" if scaled else "pass action_stats to normalise raw actions")
+        logger.warning(
+            "action channels %s reach |x| up to %.3g, far outside the normalised range (about [-1, 1]); %s",
+            far,
+            float(peak.max()),
+            "check action_stats" if scaled else "pass action_stats to normalise raw actions",
+        )
     tiny = [i for i, p in enumerate(peak) if 0 < p < 0.02]
     if tiny and len(tiny) == int((peak > 0).sum()):
-        logger.warning("every moving action channel (%s) stays below 0.02 in the normalised space: the actions "
-                       "look far too small (missing normalisation?)", tiny)
+        logger.warning(
+            "every moving action channel (%s) stays below 0.02 in the normalised space: the actions "
+            "look far too small (missing normalisation?)",
+            tiny,
+        )
         far += tiny
     return far
 
@@ -112,8 +125,12 @@ def generate_action(gen: Generator, req: GenerateRequest, progress: bool, on_ste
         actions = load_actions(req.action, width)
         needed = req.action_chunk_size * req.chunks
         if req.chunks > 1 and actions.shape[0] < needed:
-            raise RequestError("action", f"{actions.shape[0]} steps", f"at least {needed} steps "
-                               f"(chunks={req.chunks} x action_chunk_size={req.action_chunk_size})", "is too short")
+            raise RequestError(
+                "action",
+                f"{actions.shape[0]} steps",
+                f"at least {needed} steps (chunks={req.chunks} x action_chunk_size={req.action_chunk_size})",
+                "is too short",
+            )
         if actions.shape[0] > needed:
             logger.warning("action has %d steps; only the first %d are used", actions.shape[0], needed)
         if scaler is not None:
@@ -199,8 +216,18 @@ def run_chunk(
 
     cond_ids, uncond_ids = gen.prompt_ids(req, canvas_h, canvas_w)
     packs = [
-        pack(cfg, ids, tuple(x0.shape[2:]), clean, req.fps, gen.temporal, action_len=chunk,
-             action_clean_frames=action_clean, action_domain=domain_id, device=gen.device)
+        pack(
+            cfg,
+            ids,
+            tuple(x0.shape[2:]),
+            clean,
+            req.fps,
+            gen.temporal,
+            action_len=chunk,
+            action_clean_frames=action_clean,
+            action_domain=domain_id,
+            device=gen.device,
+        )
         for ids in (cond_ids, uncond_ids)
     ]
     streams = [

@@ -90,7 +90,8 @@ def load_weights(
                 tensor = f.get_tensor(raw_key)
                 if tuple(tensor.shape) != tuple(param.shape):
                     raise CheckpointError(
-                        f"{raw_key} in {path.name} has shape {tuple(tensor.shape)}, the model expects {tuple(param.shape)}"
+                        f"{raw_key} in {path.name} has shape {tuple(tensor.shape)}, "
+                        f"the model expects {tuple(param.shape)}"
                     )
                 target = torch.float32 if key.startswith(FP32_PREFIXES) else dtype
                 _set_parameter(model, key, tensor.to(device=device, dtype=target))

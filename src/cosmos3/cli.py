@@ -78,10 +78,34 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 FLAG_FIELDS = (
-    "mode", "prompt", "negative_prompt", "num_frames", "height", "width", "resolution", "aspect_ratio", "fps",
-    "num_steps", "guidance", "shift", "seed", "image", "video", "enable_sound", "use_system_prompt",
-    "use_resolution_template", "use_duration_template", "condition_frame_indexes_vision", "condition_video_keep",
-    "domain_name", "action_chunk_size", "raw_action_dim", "action", "action_stats", "view_point", "chunks",
+    "mode",
+    "prompt",
+    "negative_prompt",
+    "num_frames",
+    "height",
+    "width",
+    "resolution",
+    "aspect_ratio",
+    "fps",
+    "num_steps",
+    "guidance",
+    "shift",
+    "seed",
+    "image",
+    "video",
+    "enable_sound",
+    "use_system_prompt",
+    "use_resolution_template",
+    "use_duration_template",
+    "condition_frame_indexes_vision",
+    "condition_video_keep",
+    "domain_name",
+    "action_chunk_size",
+    "raw_action_dim",
+    "action",
+    "action_stats",
+    "view_point",
+    "chunks",
 )
 
 
@@ -97,8 +121,9 @@ def requests_from_args(args: argparse.Namespace) -> list[tuple[GenerateRequest, 
     try:
         spec = json.loads(spec_path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
-        raise RequestError("spec", str(spec_path), "a readable JSON file (an object or a list of objects)",
-                           f"cannot be read ({exc})") from exc
+        raise RequestError(
+            "spec", str(spec_path), "a readable JSON file (an object or a list of objects)", f"cannot be read ({exc})"
+        ) from exc
     entries = spec if isinstance(spec, list) else [spec]
     out = []
     for i, entry in enumerate(entries):
@@ -142,8 +167,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
-    return {k: (v if isinstance(v, (str, int, float, bool, list, type(None))) else str(type(v).__name__))
-            for k, v in d.items()}
+    return {
+        k: (v if isinstance(v, (str, int, float, bool, list, type(None))) else str(type(v).__name__))
+        for k, v in d.items()
+    }
 
 
 def main(argv: list[str] | None = None) -> int:

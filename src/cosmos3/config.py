@@ -45,9 +45,7 @@ class TransformerConfig:
         if self.hidden_act not in ("silu", "relu2"):
             raise ValueError(f"hidden_act={self.hidden_act!r} is not supported; allowed: 'silu', 'relu2'")
         if sum(self.rope_axes_dim) * 2 != self.head_dim:
-            raise ValueError(
-                f"rope_axes_dim={self.rope_axes_dim} must sum to head_dim/2={self.head_dim // 2}"
-            )
+            raise ValueError(f"rope_axes_dim={self.rope_axes_dim} must sum to head_dim/2={self.head_dim // 2}")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(
                 f"num_attention_heads={self.num_attention_heads} must be a multiple of "
@@ -69,7 +67,7 @@ class TransformerConfig:
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> TransformerConfig:
-        """Build from a checkpoint config; keys that do not shape the model (`_class_name`, `dtype`, ...) are skipped."""
+        """Build from a checkpoint config; keys that do not shape the model (`_class_name`, `dtype`) are skipped."""
         names = {f.name for f in dataclasses.fields(cls)}
         values = {k: v for k, v in raw.items() if k in names}
         if values.get("rope_axes_dim") is None:

@@ -18,8 +18,14 @@ from cosmos3.request import GenerateRequest
 
 logger = logging.getLogger(__name__)
 
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
 
 # Smaller defaults for the tiny model so that every command finishes on a CPU in seconds.
 TINY_DEFAULTS = {"resolution": "256", "num_frames": 17, "num_steps": 8}
@@ -35,7 +41,8 @@ def resolve_path(model: str | Path) -> Path:
     if path.exists():
         if not (path / "model_index.json").is_file() and not (path / "transformer" / "config.json").is_file():
             raise CheckpointError(
-                f"{path} is not a Cosmos 3 checkpoint folder: it has neither model_index.json nor transformer/config.json"
+                f"{path} is not a Cosmos 3 checkpoint folder: "
+                "it has neither model_index.json nor transformer/config.json"
             )
         return path
     if str(model).count("/") == 1 and not str(model).startswith((".", "/", "~")):
@@ -49,7 +56,9 @@ def resolve_path(model: str | Path) -> Path:
                 f"machine run `hf download {model} --local-dir DIR`, copy DIR here and pass its path "
                 f"(cosmos3.load('DIR') or --model DIR), or point HF_HOME at a cache that holds it."
             ) from exc
-    raise CheckpointError(f"model {str(model)!r} is neither 'tiny', an existing folder, nor a hub id like 'nvidia/Cosmos3-Nano'")
+    raise CheckpointError(
+        f"model {str(model)!r} is neither 'tiny', an existing folder, nor a hub id like 'nvidia/Cosmos3-Nano'"
+    )
 
 
 def load_transformer(folder: Path, device: torch.device | str, dtype: torch.dtype) -> tuple[Cosmos3Transformer, dict]:
@@ -117,7 +126,9 @@ class Engine:
         return self.generator.generate(self.request(request, **fields), progress=progress, on_step=on_step)
 
 
-def load(model: str | Path = "tiny", device: str | torch.device = "cpu", dtype: str | torch.dtype = "float32") -> Engine:
+def load(
+    model: str | Path = "tiny", device: str | torch.device = "cpu", dtype: str | torch.dtype = "float32"
+) -> Engine:
     """Load `"tiny"`, a local checkpoint folder, or a cached hub id (e.g. `"nvidia/Cosmos3-Nano"`)."""
     if isinstance(dtype, str) and dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r} is not supported; allowed: {', '.join(DTYPES)}")

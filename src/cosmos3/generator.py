@@ -91,11 +91,19 @@ class Generator:
             raise RequestError("enable_sound", True, "false for this checkpoint", f"needs {missing}")
         if req.is_action:
             if not cfg.action_gen:
-                raise RequestError("mode", req.mode, "text2image, text2video, image2video, video2video",
-                                   "needs a checkpoint with the action tower (action_gen)")
+                raise RequestError(
+                    "mode",
+                    req.mode,
+                    "text2image, text2video, image2video, video2video",
+                    "needs a checkpoint with the action tower (action_gen)",
+                )
             if req.raw_action_dim > cfg.action_dim:
-                raise RequestError("domain_name", req.domain_name, f"a domain with at most {cfg.action_dim} channels",
-                                   f"has {req.raw_action_dim} action channels, more than the model's")
+                raise RequestError(
+                    "domain_name",
+                    req.domain_name,
+                    f"a domain with at most {cfg.action_dim} channels",
+                    f"has {req.raw_action_dim} action channels, more than the model's",
+                )
 
     # ------------------------------------------------------------------ VAE
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -136,16 +144,30 @@ class Generator:
         system = (text.SYSTEM_PROMPT_IMAGE if req.num_frames == 1 else text.SYSTEM_PROMPT_VIDEO) if use_system else None
         negative = req.negative_prompt or ""
         if req.is_action:
-            cond = text.action_caption(req.prompt, view_point=req.view_point, num_frames=req.num_frames, fps=req.fps,
-                                       height=height, width=width)
+            cond = text.action_caption(
+                req.prompt,
+                view_point=req.view_point,
+                num_frames=req.num_frames,
+                fps=req.fps,
+                height=height,
+                width=width,
+            )
             uncond = negative
         else:
-            meta = dict(num_frames=req.num_frames, height=height, width=width, fps=req.fps,
-                        duration_template=req.use_duration_template, resolution_template=req.use_resolution_template)
+            meta = dict(
+                num_frames=req.num_frames,
+                height=height,
+                width=width,
+                fps=req.fps,
+                duration_template=req.use_duration_template,
+                resolution_template=req.use_resolution_template,
+            )
             cond = text.with_metadata(req.prompt, negative=False, **meta)
             uncond = text.with_metadata(negative, negative=True, **meta)
-        return (text.generation_input_ids(self.tokenizer, cond, system),
-                text.generation_input_ids(self.tokenizer, uncond, system))
+        return (
+            text.generation_input_ids(self.tokenizer, cond, system),
+            text.generation_input_ids(self.tokenizer, uncond, system),
+        )
 
     def latent_shape(self, num_frames: int, height: int, width: int) -> tuple[int, int, int, int, int]:
         c = self.transformer.config.latent_channel
@@ -189,14 +211,26 @@ class Generator:
 
         cond_ids, uncond_ids = self.prompt_ids(req, h, w)
         packs = [
-            pack(self.transformer.config, ids, shape[2:], clean, req.fps, self.temporal, sound_len=sound_len,
-                 device=self.device)
+            pack(
+                self.transformer.config,
+                ids,
+                shape[2:],
+                clean,
+                req.fps,
+                self.temporal,
+                sound_len=sound_len,
+                device=self.device,
+            )
             for ids in (cond_ids, uncond_ids)
         ]
         out = denoise(self, packs, streams, req, progress=progress, on_step=on_step)
         video = self.decode(out["vision"])
-        result = GenerationResult(video=video, fps=req.fps, latents=out["vision"],
-                                  metadata={"mode": req.mode, "seed": req.seed, "num_frames": video.shape[0]})
+        result = GenerationResult(
+            video=video,
+            fps=req.fps,
+            latents=out["vision"],
+            metadata={"mode": req.mode, "seed": req.seed, "num_frames": video.shape[0]},
+        )
         if req.enable_sound:
             result.sound = self.decode_sound(out["sound"])
             result.sample_rate = int(self.sound_tokenizer.config.sampling_rate)

@@ -60,7 +60,9 @@ def load_video(source: Any, field: str = "video") -> tuple[list[Image.Image], fl
                 fps = float(stream.average_rate) if stream.average_rate else None
                 frames = [f.to_image().convert("RGB") for f in container.decode(stream)]
         except Exception as exc:
-            raise RequestError(field, str(source), "a readable MP4/MOV/MKV/WebM video", f"cannot be read ({exc})") from exc
+            raise RequestError(
+                field, str(source), "a readable MP4/MOV/MKV/WebM video", f"cannot be read ({exc})"
+            ) from exc
         if not frames:
             raise RequestError(field, str(source), "a video with at least one frame", "has no frames")
         return frames, fps

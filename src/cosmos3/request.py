@@ -52,8 +52,13 @@ VIEW_POINTS = ("ego_view", "third_person_view", "wrist_view", "concat_view")
 
 
 # The documents' defaults: 480p tier, 16:9, 189 frames (about 7.9 s at 24 fps), 35 steps, guidance 6.
-DEFAULTS: dict[str, Any] = {"resolution": "480", "aspect_ratio": "16,9", "num_frames": 189, "num_steps": 35,
-                            "guidance": 6.0}
+DEFAULTS: dict[str, Any] = {
+    "resolution": "480",
+    "aspect_ratio": "16,9",
+    "num_frames": 189,
+    "num_steps": 35,
+    "guidance": 6.0,
+}
 
 
 class RequestError(ValueError):
@@ -102,10 +107,18 @@ class GenerateRequest:
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> GenerateRequest:
-        """Build from a Framework-style dict (`model_mode`, `vision_path`, `action_path`, ...); unknown keys are errors."""
+        """Build from a Framework-style dict (`model_mode`, `vision_path`, `action_path`, ...).
+
+        Unknown keys are errors, never silently ignored."""
         raw = dict(raw)
-        aliases = {"model_mode": "mode", "action_path": "action", "num_inference_steps": "num_steps",
-                   "guidance_scale": "guidance", "flow_shift": "shift", "image_size": "resolution"}
+        aliases = {
+            "model_mode": "mode",
+            "action_path": "action",
+            "num_inference_steps": "num_steps",
+            "guidance_scale": "guidance",
+            "flow_shift": "shift",
+            "image_size": "resolution",
+        }
         for alias, name in aliases.items():
             if alias in raw:
                 if name in raw:
@@ -115,8 +128,12 @@ class GenerateRequest:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(raw) - names)
         if unknown:
-            raise RequestError(unknown[0], raw[unknown[0]], ", ".join(sorted(names | {"model_mode", "vision_path"})),
-                               "is not a known field")
+            raise RequestError(
+                unknown[0],
+                raw[unknown[0]],
+                ", ".join(sorted(names | {"model_mode", "vision_path"})),
+                "is not a known field",
+            )
         req = cls(**raw)
         if vision_path is not None:
             is_video = str(vision_path).lower().endswith((".mp4", ".mov", ".avi", ".mkv", ".webm"))
@@ -194,8 +211,7 @@ def _check_vision(r: GenerateRequest) -> None:
         _check_int("num_frames", r.num_frames, MIN_FRAMES, MAX_FRAMES)
     if (r.height is None) != (r.width is None):
         missing = "width" if r.width is None else "height"
-        raise RequestError(missing, None, "an integer multiple of 16 given together with the other side",
-                           "is missing")
+        raise RequestError(missing, None, "an integer multiple of 16 given together with the other side", "is missing")
     if r.height is None:
         _check_choice("resolution", r.resolution, tuple(RESOLUTIONS))
         _check_choice("aspect_ratio", r.aspect_ratio, tuple(RESOLUTIONS[r.resolution]))
@@ -212,8 +228,12 @@ def _check_vision(r: GenerateRequest) -> None:
     for name in ("image", "video"):
         given = getattr(r, name) is not None
         if given and needs.get(r.mode) != name:
-            raise RequestError(name, "<given>", f"only with mode={'image2video' if name == 'image' else 'video2video'}",
-                               f"does not fit mode={r.mode}")
+            raise RequestError(
+                name,
+                "<given>",
+                f"only with mode={'image2video' if name == 'image' else 'video2video'}",
+                f"does not fit mode={r.mode}",
+            )
         if not given and needs.get(r.mode) == name:
             raise RequestError(name, None, f"an {name} (path or array) for mode={r.mode}", "is missing")
     if r.mode == "video2video":
@@ -231,17 +251,21 @@ def _check_vision(r: GenerateRequest) -> None:
         _check_choice("condition_video_keep", r.condition_video_keep, ("first", "last"))
     if r.action is not None or r.domain_name is not None:
         field_name = "action" if r.action is not None else "domain_name"
-        raise RequestError(field_name, "<given>", f"only with mode in {', '.join(ACTION_MODES)}",
-                           f"does not fit mode={r.mode}")
+        raise RequestError(
+            field_name, "<given>", f"only with mode in {', '.join(ACTION_MODES)}", f"does not fit mode={r.mode}"
+        )
     if r.chunks != 1:
-        raise RequestError("chunks", r.chunks, "1 for vision modes (chained chunks are for policy and forward_dynamics)")
+        raise RequestError(
+            "chunks", r.chunks, "1 for vision modes (chained chunks are for policy and forward_dynamics)"
+        )
 
 
 def _check_action(r: GenerateRequest) -> None:
     _check_number("fps", r.fps, 1, 120)
     if r.domain_name is None:
-        raise RequestError("domain_name", None, ", ".join(sorted(k for k, v in EMBODIMENTS.items() if v[1])),
-                           "is missing")
+        raise RequestError(
+            "domain_name", None, ", ".join(sorted(k for k, v in EMBODIMENTS.items() if v[1])), "is missing"
+        )
     if r.domain_name not in EMBODIMENTS or EMBODIMENTS[r.domain_name][1] is None:
         raise RequestError("domain_name", r.domain_name, ", ".join(sorted(k for k, v in EMBODIMENTS.items() if v[1])))
     width = EMBODIMENTS[r.domain_name][1]
@@ -251,12 +275,14 @@ def _check_action(r: GenerateRequest) -> None:
     _check_int("action_chunk_size", r.action_chunk_size, 1, 1024)
     frames = r.action_chunk_size + 1
     if r.num_frames is not None and r.num_frames != frames:
-        raise RequestError("num_frames", r.num_frames,
-                           f"unset or {frames} (action_chunk_size + 1) for action modes")
+        raise RequestError("num_frames", r.num_frames, f"unset or {frames} (action_chunk_size + 1) for action modes")
     r.num_frames = frames
     if r.height is not None or r.width is not None:
-        raise RequestError("height" if r.height is not None else "width", r.height or r.width,
-                           "unset for action modes (the canvas comes from resolution and the input's aspect)")
+        raise RequestError(
+            "height" if r.height is not None else "width",
+            r.height or r.width,
+            "unset for action modes (the canvas comes from resolution and the input's aspect)",
+        )
     _check_choice("resolution", r.resolution, ACTION_TIERS)
     if r.view_point is not None:
         _check_choice("view_point", r.view_point, VIEW_POINTS)

@@ -98,7 +98,12 @@ def pack(
         # Action step i sits between latent frames: (i + 1) steps of one pixel frame each.
         segments.append(
             grid_position_ids(
-                (action_len, 1, 1), base, mod_fps, cfg.base_fps, 1, base_compression=vae_temporal_compression,
+                (action_len, 1, 1),
+                base,
+                mod_fps,
+                cfg.base_fps,
+                1,
+                base_compression=vae_temporal_compression,
                 start_frame=1,
             )
         )

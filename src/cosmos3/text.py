@@ -22,7 +22,9 @@ INVERSE_VIDEO_RESOLUTION = "This video is not of {height}x{width} resolution."
 
 VIEW_POINT_FRAMING = {
     "ego_view": "This video is captured from a first-person perspective looking at the scene.",
-    "third_person_view": "This video is captured from a third-person perspective looking towards the agent from the front.",
+    "third_person_view": (
+        "This video is captured from a third-person perspective looking towards the agent from the front."
+    ),
     "wrist_view": "This video is captured from a wrist-mounted camera.",
     "concat_view": "This video contains concatenated views from multiple camera perspectives.",
 }
@@ -74,12 +76,18 @@ def action_caption(
     caption: dict[str, Any] = {}
     framing = VIEW_POINT_FRAMING.get(view_point) if view_point is not None else None
     if view_point is not None and framing is None:
-        logger.warning("view_point=%r is unknown (known: %s); the framing sentence is left out",
-                       view_point, sorted(VIEW_POINT_FRAMING))
+        logger.warning(
+            "view_point=%r is unknown (known: %s); the framing sentence is left out",
+            view_point,
+            sorted(VIEW_POINT_FRAMING),
+        )
     if framing:
         caption["cinematography"] = {"framing": framing}
     ratio = width / height if height > 0 else 1.0
-    aspect = min(("1,1", "4,3", "3,4", "16,9", "9,16"), key=lambda r: abs(int(r[: r.index(",")]) / int(r[r.index(",") + 1 :]) - ratio))
+    aspect = min(
+        ("1,1", "4,3", "3,4", "16,9", "9,16"),
+        key=lambda r: abs(int(r[: r.index(",")]) / int(r[r.index(",") + 1 :]) - ratio),
+    )
     caption["actions"] = [{"time": f"0:00-{minutes}:{secs:02d}", "description": desc}]
     caption["duration"] = f"{duration}s"
     caption["fps"] = float(fps)

@@ -153,7 +153,10 @@ def write_pipeline(folder: str | Path, cfg: TransformerConfig | None = None, see
     }
     if cfg.sound_gen:
         sound = Cosmos3AVAEAudioTokenizer(
-            vocoder_input_dim=cfg.sound_dim, dec_dim=4, enc_dim=8, enc_latent_dim=2 * cfg.sound_dim,
+            vocoder_input_dim=cfg.sound_dim,
+            dec_dim=4,
+            enc_dim=8,
+            enc_latent_dim=2 * cfg.sound_dim,
             encoder_enabled=False,
         )
         sound.save_pretrained(folder / "sound_tokenizer")
@@ -182,8 +185,10 @@ def save_shards(weights: dict[str, torch.Tensor], folder: Path, max_shard_tensor
         shard = f"diffusion_pytorch_model-{i:05d}-of-{len(groups):05d}.safetensors"
         save_file({k: weights[k] for k in group}, str(folder / shard))
         weight_map.update(dict.fromkeys(group, shard))
-    index = {"metadata": {"total_size": sum(w.numel() * w.element_size() for w in weights.values())},
-             "weight_map": weight_map}
+    index = {
+        "metadata": {"total_size": sum(w.numel() * w.element_size() for w in weights.values())},
+        "weight_map": weight_map,
+    }
     (folder / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
 
