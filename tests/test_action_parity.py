@@ -7,11 +7,12 @@ import pytest
 import torch
 from diffusers import Cosmos3OmniPipeline
 from diffusers.pipelines.cosmos.pipeline_cosmos3_omni import CosmosActionCondition
-from test_generator_parity import gradient_image
 
 import cosmos3
 from cosmos3.request import EMBODIMENTS
 from cosmos3.tiny import write_pipeline
+
+from test_generator_parity import gradient_image
 
 
 @pytest.fixture(scope="module")

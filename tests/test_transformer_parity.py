@@ -5,10 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 from diffusers import Cosmos3OmniTransformer
-from reference import randomize, reference_forward
 
 from cosmos3.engine import load_transformer
 from cosmos3.sequence import pack
+
+from reference import randomize, reference_forward
 
 BASE = dict(
     hidden_size=64,

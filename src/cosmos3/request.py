@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 VIDEO_MODES = ("text2video", "image2video", "video2video")
@@ -174,6 +175,10 @@ class GenerateRequest:
         if r.use_system_prompt is not None and not isinstance(r.use_system_prompt, bool):
             raise RequestError("use_system_prompt", r.use_system_prompt, "true, false or null")
         r.resolution = str(r.resolution)
+        for name in ("image", "video", "action", "action_stats"):
+            value = getattr(r, name)
+            if isinstance(value, (str, Path)) and not Path(value).is_file():
+                raise RequestError(name, str(value), "a path to an existing local file", "does not exist")
         if r.is_action:
             _check_action(r)
         else:

@@ -1,0 +1,91 @@
+"""The request model: defaults, aliases, and errors that name the field, the value and what is allowed."""
+
+from __future__ import annotations
+
+import pytest
+
+from cosmos3.request import GenerateRequest, RequestError
+
+
+def resolve(**fields) -> GenerateRequest:
+    return GenerateRequest.from_dict(fields).resolved()
+
+
+def test_documented_defaults():
+    r = resolve(prompt="x")
+    assert (r.mode, r.width, r.height, r.num_frames, r.fps, r.num_steps, r.guidance) == (
+        "text2video",
+        832,
+        480,
+        189,
+        24.0,
+        35,
+        6.0,
+    )
+    assert resolve(mode="text2image", prompt="x").num_frames == 1
+
+
+def test_framework_aliases():
+    r = GenerateRequest.from_dict(
+        {"model_mode": "text2image", "prompt": "x", "guidance_scale": 3.0, "num_inference_steps": 7, "flow_shift": 5.0}
+    ).resolved()
+    assert (r.mode, r.guidance, r.num_steps, r.shift) == ("text2image", 3.0, 7, 5.0)
+
+
+def test_vision_path_picks_image_or_video_by_mode_and_suffix():
+    assert GenerateRequest.from_dict({"model_mode": "image2video", "vision_path": "a.jpg"}).image == "a.jpg"
+    assert GenerateRequest.from_dict({"model_mode": "video2video", "vision_path": "a.mp4"}).video == "a.mp4"
+    assert GenerateRequest.from_dict({"model_mode": "policy", "vision_path": "a.mp4"}).video == "a.mp4"
+
+
+def test_engine_defaults_fill_unset_fields_only():
+    r = GenerateRequest(prompt="x", num_steps=3).resolved({"num_steps": 8, "resolution": "256"})
+    assert r.num_steps == 3 and (r.width, r.height) == (320, 192)
+
+
+@pytest.mark.parametrize(
+    ("fields", "field"),
+    [
+        ({"mode": "text3video"}, "mode"),
+        ({"prompt": 3}, "prompt"),
+        ({"num_steps": 0}, "num_steps"),
+        ({"num_steps": 2.5}, "num_steps"),
+        ({"guidance": float("nan")}, "guidance"),
+        ({"shift": -1.0}, "shift"),
+        ({"seed": -1}, "seed"),
+        ({"fps": 25}, "fps"),
+        ({"num_frames": 4}, "num_frames"),
+        ({"mode": "text2image", "num_frames": 5}, "num_frames"),
+        ({"height": 480}, "width"),
+        ({"height": 488, "width": 832}, "height"),
+        ({"aspect_ratio": "21,9"}, "aspect_ratio"),
+        ({"mode": "text2image", "enable_sound": True}, "enable_sound"),
+        ({"mode": "text2video", "image": __file__}, "image"),
+        ({"mode": "video2video"}, "video"),
+        (
+            {"mode": "video2video", "video": __file__, "num_frames": 9, "condition_frame_indexes_vision": [0, 3]},
+            "condition_frame_indexes_vision",
+        ),
+        ({"mode": "video2video", "video": __file__, "condition_video_keep": "middle"}, "condition_video_keep"),
+        ({"mode": "policy", "image": __file__}, "domain_name"),
+        ({"mode": "policy", "image": __file__, "domain_name": "pusht", "resolution": "1080"}, "resolution"),
+        ({"mode": "policy", "image": __file__, "domain_name": "pusht", "view_point": "top"}, "view_point"),
+        ({"mode": "policy", "image": __file__, "domain_name": "pusht", "num_frames": 9}, "num_frames"),
+        ({"mode": "policy", "image": __file__, "domain_name": "pusht", "action_chunk_size": 0}, "action_chunk_size"),
+        ({"mode": "policy", "image": __file__, "domain_name": "pusht", "action": [[0, 0]]}, "action"),
+        ({"mode": "inverse_dynamics", "image": __file__, "domain_name": "pusht", "chunks": 2}, "video"),
+        ({"mode": "text2video", "chunks": 3}, "chunks"),
+        ({"mode": "text2video", "domain_name": "pusht"}, "domain_name"),
+    ],
+)
+def test_errors_name_field_value_and_allowed(fields, field):
+    with pytest.raises(RequestError) as err:
+        resolve(**{"prompt": "x", **fields})
+    assert err.value.field == field
+    message = str(err.value)
+    assert message.startswith(f"{field}=") and "allowed:" in message
+
+
+def test_unknown_field_is_an_error():
+    with pytest.raises(RequestError, match="not a known field"):
+        GenerateRequest.from_dict({"prompt": "x", "guidence": 3})
