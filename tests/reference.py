@@ -6,7 +6,16 @@ import math
 
 import torch
 
+from cosmos3.checkpoint import weight_files
+from cosmos3.config import TransformerConfig
+from cosmos3.engine import load_transformer
 from cosmos3.sequence import Packed
+
+
+def load_ours(folder):
+    """Our transformer from a folder written by diffusers' `Cosmos3OmniTransformer.save_pretrained`."""
+    cfg = TransformerConfig.from_json(folder / "config.json")
+    return load_transformer(cfg, weight_files(folder), "cpu", torch.float32)[0]
 
 
 def randomize(model: torch.nn.Module, seed: int) -> None:

@@ -160,3 +160,17 @@ def test_corrupt_media_is_a_clear_error(tmp_path):
     )
     assert proc.returncode == 2
     assert "cannot be read" in proc.stderr and "image=" in proc.stderr
+
+
+def test_reason_with_image_and_stream(tmp_path):
+    img = tmp_path / "scene.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (80, 120, 3), dtype=np.uint8)).save(img)
+    proc = run_cli(
+        "reason", "--model", "tiny", "--image", str(img), "--prompt", "Describe the scene.", "--max-tokens", "6"
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip()
+    proc = run_cli("reason", "--model", "tiny", "--prompt", "Hello", "--stream", "--max-tokens", "4")
+    assert proc.returncode == 0, proc.stderr
+    proc = run_cli("reason", "--model", "tiny", "--image", str(tmp_path / "missing.png"), "--prompt", "x")
+    assert proc.returncode == 2 and "does not exist" in proc.stderr

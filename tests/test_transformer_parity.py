@@ -6,10 +6,9 @@ import pytest
 import torch
 from diffusers import Cosmos3OmniTransformer
 
-from cosmos3.engine import load_transformer
 from cosmos3.sequence import pack
 
-from reference import randomize, reference_forward
+from reference import load_ours, randomize, reference_forward
 
 BASE = dict(
     hidden_size=64,
@@ -55,7 +54,7 @@ def models(request, tmp_path_factory):
     randomize(ref, seed=hash(request.param) % 1000)
     folder = tmp_path_factory.mktemp(request.param)
     ref.save_pretrained(folder)
-    ours, _ = load_transformer(folder, "cpu", torch.float32)
+    ours = load_ours(folder)
     return ref, ours
 
 
@@ -125,6 +124,6 @@ def test_loads_model_prefixed_and_transformers_names(tmp_path):
         renamed[("model.language_model." if k.startswith("layers.") else "model.") + k] = v
     (tmp_path / "diffusion_pytorch_model.safetensors").unlink()
     save_file(renamed, tmp_path / "diffusion_pytorch_model.safetensors")
-    ours, _ = load_transformer(tmp_path, "cpu", torch.float32)
+    ours = load_ours(tmp_path)
     for name, p in ours.named_parameters():
         torch.testing.assert_close(p, weights[name], atol=0, rtol=0)

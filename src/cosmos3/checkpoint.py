@@ -30,6 +30,12 @@ _RENAMES = [(re.compile(a), b) for a, b in RENAMES]
 # The Reasoner's vision tower shares the unified checkpoint; its tensors are kept aside for the Reasoner.
 VISION_PREFIXES = ("blocks.", "merger.", "patch_embed.", "pos_embed.", "deepstack_merger_list.")
 
+# Weights only the Generator uses; a Reasoner-only load skips them (the same set transformers drops).
+GENERATOR_ONLY = re.compile(
+    r"\.add_[qkv]_proj\.|\.to_add_out\.|\.norm_added_[qk]\.|moe_gen|\.k_norm_und_for_gen\.|"
+    r"^proj_(in|out)\.|^time_embedder\.|^audio_|^action_"
+)
+
 # Modules that stay in fp32 whatever the load dtype (as the reference's `_keep_in_fp32_modules`).
 FP32_PREFIXES = ("time_embedder.",)
 
@@ -62,13 +68,14 @@ def load_weights(
     files: list[Path],
     device: torch.device | str,
     dtype: torch.dtype,
-    skip_prefixes: tuple[str, ...] = (),
+    skip: re.Pattern | None = None,
 ) -> dict[str, torch.Tensor]:
     """Fill `model` (built on the meta device) from `files`, one tensor at a time.
 
     Every tensor goes straight to `device` in `dtype` (fp32 for FP32_PREFIXES), so no full-precision copy of
     the model is ever held. Vision-tower tensors are returned separately. Missing or unexpected keys raise.
-    Tensors whose renamed key starts with one of `skip_prefixes` are neither loaded nor reported.
+    Tensors whose renamed key matches `skip` are neither loaded nor reported (their parameters stay on the meta
+    device and take no memory).
     """
     expected = dict(model.named_parameters())
     seen: set[str] = set()
@@ -81,7 +88,7 @@ def load_weights(
                 if key.startswith(VISION_PREFIXES):
                     vision[key] = f.get_tensor(raw_key).to(device=device, dtype=dtype)
                     continue
-                if key.startswith(skip_prefixes):
+                if skip is not None and skip.search(key):
                     continue
                 if key not in expected:
                     unexpected.append(raw_key)
@@ -96,7 +103,7 @@ def load_weights(
                 target = torch.float32 if key.startswith(FP32_PREFIXES) else dtype
                 _set_parameter(model, key, tensor.to(device=device, dtype=target))
                 seen.add(key)
-    missing = sorted(k for k in expected if k not in seen and not k.startswith(skip_prefixes))
+    missing = sorted(k for k in expected if k not in seen and not (skip is not None and skip.search(k)))
     if missing or unexpected:
         lines = []
         if missing:
@@ -109,6 +116,16 @@ def load_weights(
             f"the weights in {files[0].parent} do not match the model config:\n  " + "\n  ".join(lines)
         )
     return vision
+
+
+def read_tensors(files: list[Path], device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Every tensor of `files` under its renamed key (for components kept as plain tensors, e.g. a vision tower)."""
+    out = {}
+    for path in files:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            for raw_key in f.keys():
+                out[rename(raw_key)] = f.get_tensor(raw_key).to(device=device, dtype=dtype)
+    return out
 
 
 def _set_parameter(model: nn.Module, key: str, value: torch.Tensor) -> None:

@@ -73,7 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--top-p", type=float, default=1.0)
     r.add_argument("--top-k", type=int, default=0)
     r.add_argument("--seed", type=int, default=0)
-    r.add_argument("--stream", action="store_true")
+    r.add_argument("--stream", action="store_true", help="print the reply as it is decoded")
+    r.add_argument("--reasoning", action="store_true", help="ask for explicit reasoning and print it apart")
     return parser
 
 
@@ -166,6 +167,38 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_reason(args: argparse.Namespace) -> int:
+    from cosmos3.engine import load
+    from cosmos3.reasoner import split_reasoning
+
+    content = [{"type": "image_url", "image_url": {"url": str(Path(p).resolve())}} for p in args.image]
+    content += [{"type": "video_url", "video_url": {"url": str(Path(p).resolve())}} for p in args.video]
+    content.append({"type": "text", "text": args.prompt})
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    messages.append({"role": "user", "content": content})
+    sampling = dict(
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.seed,
+        reasoning=args.reasoning,
+    )
+    engine = load(args.model, *_device_dtype(args), surfaces=["reasoner"])
+    if args.stream:
+        for piece in engine.reason_stream(messages, **sampling):
+            print(piece, end="", flush=True)
+        print()
+        return 0
+    text = engine.reason(messages, **sampling)
+    if args.reasoning:
+        reasoning, answer = split_reasoning(text)
+        print(f"reasoning: {reasoning}\nanswer: {answer}")
+    else:
+        print(text)
+    return 0
+
+
 def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
     return {
         k: (v if isinstance(v, (str, int, float, bool, list, type(None))) else str(type(v).__name__))
@@ -179,8 +212,6 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "generate":
             return cmd_generate(args)
         if args.command == "reason":
-            from cosmos3.reasoner import cmd_reason
-
             return cmd_reason(args)
     except RequestError as exc:
         print(f"error: {exc}", file=sys.stderr)

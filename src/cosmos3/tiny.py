@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -18,7 +19,7 @@ from safetensors.torch import save_file
 
 from cosmos3.config import TransformerConfig, preset
 
-TINY_VERSION = "1"
+TINY_VERSION = "2"
 
 SPECIAL_TOKENS = [
     "<|endoftext|>",
@@ -97,9 +98,16 @@ def random_transformer_weights(cfg: TransformerConfig, seed: int = 0) -> dict[st
     return weights
 
 
-def write_pipeline(folder: str | Path, cfg: TransformerConfig | None = None, seed: int = 0, max_shard_tensors: int = 0):
+def write_pipeline(
+    folder: str | Path,
+    cfg: TransformerConfig | None = None,
+    seed: int = 0,
+    max_shard_tensors: int = 0,
+    with_vision: bool = True,
+) -> Path:
     """Write a complete pipeline folder (model_index.json, transformer/, vae/, scheduler/, text_tokenizer/,
-    sound_tokenizer/) with random weights. `max_shard_tensors` > 0 splits the transformer into indexed shards."""
+    sound_tokenizer/, and for the Reasoner config.json, pre-processor configs and vision weights) with random
+    weights. `max_shard_tensors` > 0 splits the transformer into indexed shards."""
     from diffusers import AutoencoderKLWan, UniPCMultistepScheduler
     from diffusers.models.autoencoders.autoencoder_cosmos3_audio import Cosmos3AVAEAudioTokenizer
 
@@ -109,6 +117,10 @@ def write_pipeline(folder: str | Path, cfg: TransformerConfig | None = None, see
     config = {"_class_name": "Cosmos3OmniTransformer", "_diffusers_version": "0.42.1", **cfg.to_dict()}
     (folder / "transformer" / "config.json").write_text(json.dumps(config, indent=2))
     weights = random_transformer_weights(cfg, seed)
+    tokenizer = build_tokenizer()
+    if with_vision:  # the Reasoner's vision tower lives in the unified checkpoint under flat names
+        reasoner_config = write_reasoner_config(folder, cfg, tokenizer)
+        weights.update(random_vision_weights(reasoner_config["vision_config"], seed))
     save_shards(weights, folder / "transformer", max_shard_tensors)
 
     torch.manual_seed(seed)
@@ -142,7 +154,7 @@ def write_pipeline(folder: str | Path, cfg: TransformerConfig | None = None, see
         final_sigmas_type="zero",
     )
     scheduler.save_pretrained(folder / "scheduler")
-    build_tokenizer().save_pretrained(folder / "text_tokenizer")
+    tokenizer.save_pretrained(folder / "text_tokenizer")
     components = {
         "transformer": ["diffusers", "Cosmos3OmniTransformer"],
         "vae": ["diffusers", "AutoencoderKLWan"],
@@ -152,13 +164,15 @@ def write_pipeline(folder: str | Path, cfg: TransformerConfig | None = None, see
         "safety_checker": [None, None],
     }
     if cfg.sound_gen:
-        sound = Cosmos3AVAEAudioTokenizer(
-            vocoder_input_dim=cfg.sound_dim,
-            dec_dim=4,
-            enc_dim=8,
-            enc_latent_dim=2 * cfg.sound_dim,
-            encoder_enabled=False,
-        )
+        with warnings.catch_warnings():  # the codec uses torch's legacy weight_norm
+            warnings.simplefilter("ignore", FutureWarning)
+            sound = Cosmos3AVAEAudioTokenizer(
+                vocoder_input_dim=cfg.sound_dim,
+                dec_dim=4,
+                enc_dim=8,
+                enc_latent_dim=2 * cfg.sound_dim,
+                encoder_enabled=False,
+            )
         sound.save_pretrained(folder / "sound_tokenizer")
         components["sound_tokenizer"] = ["diffusers", "Cosmos3AVAEAudioTokenizer"]
     index = {
@@ -171,6 +185,92 @@ def write_pipeline(folder: str | Path, cfg: TransformerConfig | None = None, see
     }
     (folder / "model_index.json").write_text(json.dumps(index, indent=2))
     return folder
+
+
+def tiny_vision_config(hidden_size: int) -> dict:
+    """A two-block Qwen3-VL vision tower (patch 16, merge 2) with DeepStack taps after both blocks."""
+    return {
+        "model_type": "qwen3_vl_vision",
+        "depth": 2,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_heads": 2,
+        "in_channels": 3,
+        "patch_size": 16,
+        "spatial_merge_size": 2,
+        "temporal_patch_size": 2,
+        "out_hidden_size": hidden_size,
+        "num_position_embeddings": 16,
+        "deepstack_visual_indexes": [0, 1],
+        "hidden_act": "gelu_pytorch_tanh",
+    }
+
+
+def write_reasoner_config(folder: Path, cfg: TransformerConfig, tokenizer) -> dict:
+    """Root config.json (transformers `cosmos3_omni`) and Qwen3-VL pre-processor configs with small pixel budgets."""
+    from transformers import Qwen2VLImageProcessor
+    from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
+
+    ids = {
+        name: tokenizer.convert_tokens_to_ids(tok)
+        for name, tok in (
+            ("image_token_id", "<|image_pad|>"),
+            ("video_token_id", "<|video_pad|>"),
+            ("vision_start_token_id", "<|vision_start|>"),
+            ("vision_end_token_id", "<|vision_end|>"),
+        )
+    }
+    config = {
+        "architectures": ["Cosmos3OmniForConditionalGeneration"],
+        "model_type": "cosmos3_omni",
+        "tie_word_embeddings": False,
+        **ids,
+        "text_config": {
+            "model_type": "qwen3_vl_text",
+            "vocab_size": cfg.vocab_size,
+            "hidden_size": cfg.hidden_size,
+            "intermediate_size": cfg.intermediate_size,
+            "num_hidden_layers": cfg.num_hidden_layers,
+            "num_attention_heads": cfg.num_attention_heads,
+            "num_key_value_heads": cfg.num_key_value_heads,
+            "head_dim": cfg.head_dim,
+            "rms_norm_eps": cfg.rms_norm_eps,
+            "hidden_act": cfg.hidden_act,
+            "rope_parameters": {
+                "rope_type": "default",
+                "rope_theta": cfg.rope_theta,
+                "mrope_section": list(cfg.rope_axes_dim),
+                "mrope_interleaved": True,
+            },
+        },
+        "vision_config": tiny_vision_config(cfg.hidden_size),
+    }
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    processor_args = dict(patch_size=16, merge_size=2, temporal_patch_size=2, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    Qwen2VLImageProcessor(
+        **processor_args, size={"shortest_edge": 32 * 32 * 4, "longest_edge": 32 * 32 * 64}
+    ).save_pretrained(folder)
+    Qwen3VLVideoProcessor(
+        **processor_args, size={"shortest_edge": 32 * 32 * 4, "longest_edge": 32 * 32 * 256}
+    ).save_pretrained(folder)
+    return config
+
+
+def random_vision_weights(vision_config: dict, seed: int) -> dict[str, torch.Tensor]:
+    from transformers.models.qwen3_vl.configuration_qwen3_vl import Qwen3VLVisionConfig
+    from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLVisionModel
+
+    torch.manual_seed(seed + 2)
+    config = Qwen3VLVisionConfig(**{k: v for k, v in vision_config.items() if k != "model_type"})
+    model = Qwen3VLVisionModel(config)
+    gen = torch.Generator().manual_seed(seed + 3)
+    weights = {}
+    for name, p in model.state_dict().items():
+        scale = 0.1 if p.ndim == 1 else p.shape[-1] ** -0.5 if p.ndim == 2 else 0.05
+        base = 1.0 if name.endswith("norm.weight") or ".norm1.weight" in name or ".norm2.weight" in name else 0.0
+        weights[name] = (base + scale * torch.randn(p.shape, generator=gen)).contiguous()
+    return weights
 
 
 def save_shards(weights: dict[str, torch.Tensor], folder: Path, max_shard_tensors: int = 0) -> None:

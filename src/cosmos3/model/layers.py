@@ -56,7 +56,7 @@ class MLP(nn.Module):
 def rope_cos_sin(
     position_ids: torch.Tensor, head_dim: int, theta: float, axes: list[int], dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Interleaved 3D mRoPE tables for `[3, N]` positions (T, H, W rows) -> cos, sin `[N, head_dim]`.
+    """Interleaved 3D mRoPE tables for `[3, *shape]` positions (T, H, W rows) -> cos, sin `[*shape, head_dim]`.
 
     Frequency j takes its position from the T row, except j = 1, 4, 7, ... (< 3*axes[1]) from H and
     j = 2, 5, 8, ... (< 3*axes[2]) from W: the layout THW THW ... TTTT the model was trained with.
@@ -64,20 +64,20 @@ def rope_cos_sin(
     """
     device = position_ids.device
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim))
-    freqs = position_ids.float()[:, :, None] * inv_freq  # [3, N, head_dim/2]
+    freqs = position_ids.float()[..., None] * inv_freq  # [3, *shape, head_dim/2]
     table = freqs[0].clone()
     for row, offset in ((1, 1), (2, 2)):
         sl = slice(offset, axes[row] * 3, 3)
-        table[:, sl] = freqs[row][:, sl]
+        table[..., sl] = freqs[row][..., sl]
     emb = torch.cat([table, table], dim=-1)
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate-half rotary embedding on `[N, heads, head_dim]` with `[N, head_dim]` tables."""
+    """Rotate-half rotary embedding on `[..., N, heads, head_dim]` with `[..., N, head_dim]` tables."""
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos[:, None] + rotated * sin[:, None]
+    return x * cos.unsqueeze(-2) + rotated * sin.unsqueeze(-2)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> torch.Tensor:
@@ -123,18 +123,19 @@ class MoTAttention(nn.Module):
         self.norm_added_q = norm()
         self.norm_added_k = norm()
 
-    def und_kv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-        """Understanding-pathway q, k, v plus the keys as generation queries see them (all rotated)."""
+    def und_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Understanding-pathway q, k (normalised, not yet rotated) and v, `[..., N, heads, head_dim]`."""
         q = self.norm_q(self.to_q(x).unflatten(-1, (self.num_heads, self.head_dim)))
         k = self.norm_k(self.to_k(x).unflatten(-1, (self.num_kv_heads, self.head_dim)))
         v = self.to_v(x).unflatten(-1, (self.num_kv_heads, self.head_dim))
-        k_for_gen = self.k_norm_und_for_gen(k) if self.k_norm_und_for_gen is not None else k
-        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, apply_rope(k_for_gen, cos, sin)
+        return q, k, v
 
     def forward(
         self, und: torch.Tensor, gen: torch.Tensor, rope_und: tuple, rope_gen: tuple
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        q_und, k_und, v_und, k_und_for_gen = self.und_kv(und, *rope_und)
+        q_und, k_und, v_und = self.und_qkv(und)
+        k_und_for_gen = self.k_norm_und_for_gen(k_und) if self.k_norm_und_for_gen is not None else k_und
+        q_und, k_und, k_und_for_gen = (apply_rope(t, *rope_und) for t in (q_und, k_und, k_und_for_gen))
         q_gen = self.norm_added_q(self.add_q_proj(gen).unflatten(-1, (self.num_heads, self.head_dim)))
         k_gen = self.norm_added_k(self.add_k_proj(gen).unflatten(-1, (self.num_kv_heads, self.head_dim)))
         v_gen = self.add_v_proj(gen).unflatten(-1, (self.num_kv_heads, self.head_dim))

@@ -10,8 +10,24 @@ import torch
 from torch import nn
 
 from cosmos3.config import TransformerConfig
-from cosmos3.model.layers import DomainLinear, MoTDecoderLayer, RMSNorm, TimestepEmbedder, rope_cos_sin
+from cosmos3.model.layers import DomainLinear, MoTDecoderLayer, RMSNorm, TimestepEmbedder, apply_rope, rope_cos_sin
 from cosmos3.sequence import Packed
+
+
+class KVCache:
+    """Keys and values of the understanding pathway per layer, `[B, max_len, kv_heads, head_dim]`, filled in order."""
+
+    def __init__(self, cfg: TransformerConfig, batch: int, max_len: int, device, dtype: torch.dtype):
+        shape = (cfg.num_hidden_layers, batch, max_len, cfg.num_key_value_heads, cfg.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.length = 0
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        end = self.length + k.shape[1]
+        self.k[layer, :, self.length : end] = k
+        self.v[layer, :, self.length : end] = v
+        return self.k[layer, :, :end], self.v[layer, :, :end]
 
 
 def patchify(latent: torch.Tensor, p: int) -> torch.Tensor:
@@ -122,6 +138,43 @@ class Cosmos3Transformer(nn.Module):
             und, gen = layer(und, gen, rope_und, rope_gen)
         gen = self.norm_moe_gen(gen)
         return self.decode_generation_tokens(packed, gen)
+
+    def causal_forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cache: KVCache,
+        attn_mask: torch.Tensor | None = None,
+        deepstack: tuple[torch.Tensor, list[torch.Tensor]] | None = None,
+    ) -> torch.Tensor:
+        """The understanding pathway alone, as a causal LM over `[B, S, H]` embeddings with a KV cache (Reasoner).
+
+        `attn_mask` (`[B, 1, S, T]`, True = attend) is needed only with padding; without it a prefill is causal and
+        a one-token step sees the whole cache. `deepstack` = (visual token mask `[B, S]`, per-layer features) adds
+        the vision tower's intermediate features after the first layers, as Qwen3-VL does.
+        """
+        start, length = cache.length, x.shape[1]
+        for i, layer in enumerate(self.layers):
+            attn = layer.self_attn
+            q, k, v = attn.und_qkv(layer.input_layernorm(x))
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            keys, values = cache.update(i, k, v)
+            out = torch.nn.functional.scaled_dot_product_attention(
+                q.transpose(1, 2),
+                keys.transpose(1, 2),
+                values.transpose(1, 2),
+                attn_mask=attn_mask,
+                is_causal=attn_mask is None and start == 0 and length > 1,
+                enable_gqa=True,
+            )
+            x = x + attn.to_out(out.transpose(1, 2).flatten(2))
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+            if deepstack is not None and i < len(deepstack[1]):
+                x = x.clone()
+                x[deepstack[0]] = x[deepstack[0]] + deepstack[1][i].to(x.dtype)
+        cache.length += length
+        return self.norm(x)
 
     def decode_generation_tokens(self, packed: Packed, gen: torch.Tensor):
         cfg = self.config

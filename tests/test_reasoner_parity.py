@@ -1,0 +1,242 @@
+"""The Reasoner against transformers' Cosmos3OmniForConditionalGeneration on a unified checkpoint it saved itself."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import Cosmos3OmniConfig, Cosmos3OmniForConditionalGeneration
+from transformers.video_utils import VideoMetadata
+
+import cosmos3
+from cosmos3.config import preset
+from cosmos3.tiny import build_tokenizer, write_pipeline, write_reasoner_config
+
+from reference import randomize
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("reasoner")
+    cfg = preset("tiny")
+    tokenizer = build_tokenizer()
+    config = write_reasoner_config(folder, cfg, tokenizer)
+    ref = Cosmos3OmniForConditionalGeneration(Cosmos3OmniConfig(**config)).eval()
+    randomize(ref, seed=7)
+    ref.generation_config.eos_token_id = tokenizer.eos_token_id
+    ref.generation_config.pad_token_id = tokenizer.pad_token_id
+    ref.save_pretrained(folder)  # unified flat names: layers.*.self_attn.to_q, norm_q, blocks.*, merger.* ...
+    tokenizer.save_pretrained(folder)
+    engine = cosmos3.load(folder, surfaces=["reasoner"])
+    return ref, engine
+
+
+def image(seed: int, w: int = 150, h: int = 100) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8))
+
+
+def video(seed: int, frames: int = 12) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 255, (frames, 64, 96, 3), dtype=np.uint8)
+
+
+CASES = {
+    "text": (
+        [
+            {"role": "system", "content": "You are a helpful assistant."},
+            {"role": "user", "content": "What happens when a cup falls off a table?"},
+        ],
+        [],
+        [],
+    ),
+    "image": (
+        [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image_url", "image_url": {"url": "IMG0"}},
+                    {"type": "text", "text": "Describe the image."},
+                ],
+            }
+        ],
+        [0],
+        [],
+    ),
+    "video": (
+        [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "video_url", "video_url": {"url": "VID0"}},
+                    {"type": "text", "text": "List the events."},
+                ],
+            }
+        ],
+        [],
+        [0],
+    ),
+    "image-and-video": (
+        [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": "Compare"},
+                    {"type": "image_url", "image_url": {"url": "IMG1"}},
+                    {"type": "text", "text": "with"},
+                    {"type": "video_url", "video_url": {"url": "VID1"}},
+                ],
+            }
+        ],
+        [1],
+        [1],
+    ),
+}
+
+
+def materialize(messages, images, videos):
+    """Replace IMGn / VIDn placeholders by in-memory media (PIL image / frames with fps) for our API."""
+    out = []
+    for m in messages:
+        content = m["content"]
+        if isinstance(content, list):
+            content = [dict(p) for p in content]
+            for p in content:
+                if p["type"] == "image_url":
+                    p["image_url"] = {"url": image(int(p["image_url"]["url"][3:]))}
+                if p["type"] == "video_url":
+                    p["video_url"] = {"url": list(video(int(p["video_url"]["url"][3:])))}
+                    p["fps"] = 6.0
+        out.append({**m, "content": content})
+    return out
+
+
+def reference_inputs(engine, messages, images, videos):
+    proc = engine.reasoner.processor
+    template = []
+    for m in messages:
+        content = m["content"]
+        if isinstance(content, str):
+            content = [{"type": "text", "text": content}]
+        template.append(
+            {
+                "role": m["role"],
+                "content": [
+                    {
+                        "type": {"image_url": "image", "video_url": "video"}.get(p["type"], p["type"]),
+                        **({"text": p["text"]} if p["type"] == "text" else {}),
+                    }
+                    for p in content
+                ],
+            }
+        )
+    text = proc.apply_chat_template(template, tokenize=False, add_generation_prompt=True)
+    kwargs = {}
+    if images:
+        kwargs["images"] = [image(i) for i in images]
+    if videos:
+        kwargs["videos"] = [video(i) for i in videos]
+        kwargs["video_metadata"] = [VideoMetadata(total_num_frames=12, fps=6.0) for _ in videos]
+        kwargs["cap_pixels_per_frame"] = False
+    return proc(text=[text], return_tensors="pt", **kwargs)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_logits_and_greedy_tokens_match(pair, case):
+    ref, engine = pair
+    messages, images, videos = CASES[case]
+    inputs = reference_inputs(engine, messages, images, videos)
+    with torch.no_grad():
+        expected = ref(**inputs).logits[0]
+    ours_messages = materialize(messages, images, videos)
+    got = engine.reasoner.logits(ours_messages)
+    assert got.shape == expected.shape
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
+
+    with torch.no_grad():
+        ref_tokens = ref.generate(**inputs, max_new_tokens=20, do_sample=False)[0, inputs["input_ids"].shape[1] :]
+    prompt = engine.reasoner.encode(ours_messages)
+    ours_tokens = [
+        t[0]
+        for t in engine.reasoner.token_stream([prompt], cosmos3.reasoner.Sampling(max_tokens=20))
+        if t[0] is not None
+    ]
+    assert ours_tokens == ref_tokens.tolist()[: len(ours_tokens)]
+    assert len(ours_tokens) == 20 or ref_tokens[len(ours_tokens)] == engine.reasoner.tokenizer.eos_token_id
+
+
+def test_batch_matches_single(pair):
+    _, engine = pair
+    conversations = [materialize(CASES[c][0], [], []) for c in ("text", "image", "video")]
+    singles = [engine.reason(c, max_tokens=12) for c in conversations]
+    assert engine.reason_batch(conversations, max_tokens=12) == singles
+
+
+def test_stream_pieces_join_to_the_reply(pair):
+    _, engine = pair
+    messages = CASES["text"][0]
+    full = engine.reason(messages, max_tokens=15, temperature=0.7, top_p=0.8, top_k=20, seed=4)
+    assert "".join(engine.reason_stream(messages, max_tokens=15, temperature=0.7, top_p=0.8, top_k=20, seed=4)) == full
+    # Sampling is seeded: same seed, same reply; another seed, (almost surely) another reply.
+    assert engine.reason(messages, max_tokens=15, temperature=0.7, seed=4) == engine.reason(
+        messages, max_tokens=15, temperature=0.7, seed=4
+    )
+
+
+def test_generator_and_reasoner_share_weights(tmp_path):
+    engine = cosmos3.load(write_pipeline(tmp_path / "p"))
+    assert engine.generator is not None and engine.reasoner is not None
+    assert engine.reasoner.transformer is engine.generator.transformer
+    assert engine.reason("hi", max_tokens=3) is not None
+    only = cosmos3.load(tmp_path / "p", surfaces=["reasoner"])
+    assert only.generator is None
+    assert only.transformer.layers[0].mlp_moe_gen.up_proj.weight.is_meta  # the generation pathway is never loaded
+    assert only.reason("hi", max_tokens=3) == engine.reason("hi", max_tokens=3)
+
+
+@pytest.mark.parametrize(
+    ("messages", "field"),
+    [
+        ([], "messages"),
+        ([{"role": "robot", "content": "hi"}], "messages[0].role"),
+        ([{"role": "user", "content": [{"type": "audio_url", "audio_url": "x.wav"}]}], "messages[0].content[0].type"),
+        ([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}], "messages[-1].role"),
+        (
+            [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://127.0.0.1:9/a.jpg"}}]}],
+            "messages[0].content[0]",
+        ),
+        (
+            [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}],
+            "messages[0].content[0]",
+        ),
+        (
+            [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "/no/such/file.png"}}]}],
+            "messages[0].content[0]",
+        ),
+    ],
+)
+def test_bad_messages_name_the_problem(pair, messages, field):
+    _, engine = pair
+    with pytest.raises(cosmos3.RequestError) as err:
+        engine.reason(messages, max_tokens=2)
+    assert err.value.field == field
+
+
+def test_limits_are_stated(pair, monkeypatch):
+    _, engine = pair
+    monkeypatch.setattr(cosmos3.reasoner, "MAX_IMAGE_PIXELS", 1000)
+    with pytest.raises(cosmos3.RequestError, match="up to 1,000 pixels"):
+        engine.reason([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": image(1)}}]}])
+    with pytest.raises(cosmos3.RequestError, match="max_tokens"):
+        engine.reason("hi", max_tokens=0)
+
+
+def test_reasoning_format(pair):
+    from cosmos3.reasoner import REASONING_SUFFIX, split_reasoning
+
+    _, engine = pair
+    prompt = engine.reasoner.encode([{"role": "user", "content": "Is the cup stable?"}], reasoning=True)
+    assert "</think>" in engine.reasoner.tokenizer.decode(prompt.input_ids) and "</think>" in REASONING_SUFFIX
+    assert split_reasoning("<think>\nIt leans.\n</think>\n\nNo.") == ("It leans.", "No.")
+    assert split_reasoning("just an answer") == ("", "just an answer")
