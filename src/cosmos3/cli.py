@@ -75,6 +75,18 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--stream", action="store_true", help="print the reply as it is decoded")
     r.add_argument("--reasoning", action="store_true", help="ask for explicit reasoning and print it apart")
+    s = sub.add_parser("serve", help="HTTP server: OpenAI / vLLM-Omni routes and the hosted /predict")
+    add_model_args(s)
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--served-model-name", help="the model id clients send and /v1/models lists (default: --model)")
+    s.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (or 'Api-Key KEY') on every route but /health")
+    s.add_argument("--max-queue", type=int, default=16, help="queued generations before 429 (default 16)")
+    s.add_argument("--allowed-local-media-path", help="local media paths in requests must lie under this folder")
+    s.add_argument("--jobs-db", default="cosmos3-server/jobs.db", help="SQLite job store (survives restarts)")
+    s.add_argument("--outputs-dir", default="cosmos3-server/outputs", help="where job inputs and outputs are kept")
+    s.add_argument("--retention-hours", type=float, default=24.0, help="finished jobs and files are removed after")
+    s.add_argument("--max-upload-mb", type=int, default=512)
     return parser
 
 
@@ -199,6 +211,28 @@ def cmd_reason(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from cosmos3.engine import load
+    from cosmos3.server.app import Settings, create_app
+
+    settings = Settings(
+        model_name=args.served_model_name or args.model,
+        api_key=args.api_key,
+        max_queue=args.max_queue,
+        allowed_local_media_path=Path(args.allowed_local_media_path).resolve() if args.allowed_local_media_path else None,
+        jobs_db=Path(args.jobs_db),
+        outputs_dir=Path(args.outputs_dir),
+        retention_s=args.retention_hours * 3600,
+        max_upload_bytes=args.max_upload_mb * 2**20,
+    )
+    engine = load(args.model, *_device_dtype(args))
+    print(f"serving {args.model} on http://{args.host}:{args.port} (jobs: {settings.jobs_db})", flush=True)
+    uvicorn.run(create_app(engine, settings), host=args.host, port=args.port)
+    return 0
+
+
 def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
     return {
         k: (v if isinstance(v, (str, int, float, bool, list, type(None))) else str(type(v).__name__))
@@ -213,6 +247,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_generate(args)
         if args.command == "reason":
             return cmd_reason(args)
+        if args.command == "serve":
+            return cmd_serve(args)
     except RequestError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

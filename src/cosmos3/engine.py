@@ -289,12 +289,12 @@ class Engine:
         kwargs: max_tokens, temperature (0 = greedy), top_p, top_k, repetition_penalty, presence_penalty, seed,
         stop, reasoning (append the explicit-reasoning instruction), video_fps / video_num_frames."""
         params, encode = self._split(kwargs)
-        return self._reasoner().generate([_as_messages(messages)], params, **encode)[0]
+        return self._reasoner().complete([_as_messages(messages)], params, **encode)[0].text
 
     def reason_batch(self, conversations: list[list[dict] | str], **kwargs: Any) -> list[str]:
         """Several conversations decoded together in one batch."""
         params, encode = self._split(kwargs)
-        return self._reasoner().generate([_as_messages(m) for m in conversations], params, **encode)
+        return [r.text for r in self._reasoner().complete([_as_messages(m) for m in conversations], params, **encode)]
 
     def reason_stream(self, messages: list[dict] | str, **kwargs: Any) -> Iterator[str]:
         """Like `reason`, yielding the reply in pieces as it is decoded."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import urllib.request
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
@@ -12,6 +14,42 @@ from PIL import Image
 from cosmos3.request import RequestError
 
 VIDEO_SUFFIXES = (".mp4", ".mov", ".avi", ".mkv", ".webm")
+MAX_FETCH_BYTES = 512 * 2**20
+FETCH_TIMEOUT_S = 20.0
+
+
+def fetch_bytes(url: str, field: str, allowed_dir: Path | None = None, allow_local: bool = True) -> bytes:
+    """http(s) (bounded time and size), `data:` base64 URIs, `file://` and plain local paths.
+
+    Local paths must resolve (after `..` and symlinks) under `allowed_dir` when it is given; with
+    `allow_local=False` (a server started without an allowed media folder) they are refused."""
+    if url.startswith("data:"):
+        try:
+            return base64.b64decode(url.split(",", 1)[1], validate=False)
+        except (IndexError, ValueError) as exc:
+            raise RequestError(field, url[:40], "a base64 data URI (data:<mime>;base64,...)", "is malformed") from exc
+    if url.startswith(("http://", "https://")):
+        try:
+            with urllib.request.urlopen(url, timeout=FETCH_TIMEOUT_S) as resp:
+                data = resp.read(MAX_FETCH_BYTES + 1)
+        except Exception as exc:
+            raise RequestError(
+                field, url, f"a URL reachable within {FETCH_TIMEOUT_S:.0f} s", f"is unreachable ({exc})"
+            ) from exc
+        if len(data) > MAX_FETCH_BYTES:
+            raise RequestError(field, url, f"media up to {MAX_FETCH_BYTES // 2**20} MiB", "is too large")
+        return data
+    path = Path(url[len("file://") :] if url.startswith("file://") else url)
+    if not allow_local:
+        raise RequestError(field, url, "an http(s) URL or a data URI (this server reads no local files)",
+                           "is a local path")
+    if allowed_dir is not None:
+        resolved = path.resolve()
+        if not resolved.is_relative_to(allowed_dir.resolve()):
+            raise RequestError(field, url, f"a file under {allowed_dir}", "is outside the allowed media folder")
+    if not path.is_file():
+        raise RequestError(field, url, "an http(s) URL, a data URI or an existing local file", "does not exist")
+    return path.read_bytes()
 
 
 def to_pil(frame: Any, field: str) -> Image.Image:

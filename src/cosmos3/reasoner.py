@@ -6,11 +6,9 @@ the checkpoint's vision weights); position ids, DeepStack injection, the KV cach
 
 from __future__ import annotations
 
-import base64
 import io
 import itertools
 import math
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from cosmos3.media import fetch_bytes
 from cosmos3.model.layers import rope_cos_sin
 from cosmos3.model.transformer import Cosmos3Transformer, KVCache
 from cosmos3.request import RequestError
@@ -32,8 +31,6 @@ REASONING_SUFFIX = (
 
 MAX_IMAGE_PIXELS = 64_000_000  # per image, before resizing
 MAX_VIDEO_FRAMES = 4096  # decoded frames per video, before sampling
-MAX_FETCH_BYTES = 512 * 2**20
-FETCH_TIMEOUT_S = 20.0
 ROLES = ("system", "user", "assistant")
 
 
@@ -83,34 +80,6 @@ def split_reasoning(text: str) -> tuple[str, str]:
 
 
 # ---------------------------------------------------------------------------------------------------- media
-def fetch_bytes(url: str, field: str, allowed_dir: Path | None = None) -> bytes:
-    """http(s) (bounded time and size), `data:` base64 URIs, `file://` and plain local paths."""
-    if url.startswith("data:"):
-        try:
-            return base64.b64decode(url.split(",", 1)[1], validate=False)
-        except (IndexError, ValueError) as exc:
-            raise RequestError(field, url[:40], "a base64 data URI (data:<mime>;base64,...)", "is malformed") from exc
-    if url.startswith(("http://", "https://")):
-        try:
-            with urllib.request.urlopen(url, timeout=FETCH_TIMEOUT_S) as resp:
-                data = resp.read(MAX_FETCH_BYTES + 1)
-        except Exception as exc:
-            raise RequestError(
-                field, url, f"a URL reachable within {FETCH_TIMEOUT_S:.0f} s", f"is unreachable ({exc})"
-            ) from exc
-        if len(data) > MAX_FETCH_BYTES:
-            raise RequestError(field, url, f"media up to {MAX_FETCH_BYTES // 2**20} MiB", "is too large")
-        return data
-    path = Path(url[len("file://") :] if url.startswith("file://") else url)
-    if allowed_dir is not None:
-        resolved = path.resolve()
-        if not resolved.is_relative_to(allowed_dir.resolve()):
-            raise RequestError(field, url, f"a file under {allowed_dir}", "is outside the allowed media folder")
-    if not path.is_file():
-        raise RequestError(field, url, "an http(s) URL, a data URI or an existing local file", "does not exist")
-    return path.read_bytes()
-
-
 def decode_image(data: bytes | Image.Image, field: str) -> Image.Image:
     if isinstance(data, Image.Image):
         image = data
@@ -158,6 +127,14 @@ def decode_video(data: bytes, field: str) -> tuple[np.ndarray, float | None]:
 
 
 @dataclass
+class Reply:
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str  # "stop" (end of turn or a stop string) or "length"
+
+
+@dataclass
 class Prompt:
     """One conversation, ready for the language model."""
 
@@ -199,6 +176,7 @@ class Reasoner:
                 ids.add(tid)
         self.eos_token_ids = sorted(i for i in ids if i is not None)
         self.allowed_media_dir = allowed_media_dir
+        self.allow_local = True  # a server without an allowed media folder turns local paths off
 
     @property
     def device(self) -> torch.device:
@@ -268,7 +246,7 @@ class Reasoner:
             return decode_image(value, where)
         if isinstance(value, np.ndarray):
             return decode_image(Image.fromarray(value), where)
-        return decode_image(fetch_bytes(str(value), where, self.allowed_media_dir), where)
+        return decode_image(fetch_bytes(str(value), where, self.allowed_media_dir, self.allow_local), where)
 
     def _load_video(self, part: dict, kind: str, where: str) -> tuple[np.ndarray, float | None]:
         value = self._url(part, kind, where)
@@ -279,7 +257,7 @@ class Reasoner:
                     where, f"frames of shape {list(frames.shape)}", f"[T<={MAX_VIDEO_FRAMES}, H, W, 3] uint8 frames"
                 )
             return frames.astype(np.uint8), part.get("fps")
-        return decode_video(fetch_bytes(str(value), where, self.allowed_media_dir), where)
+        return decode_video(fetch_bytes(str(value), where, self.allowed_media_dir, self.allow_local), where)
 
     def encode(
         self,
@@ -502,23 +480,30 @@ class Reasoner:
         return torch.multinomial(probs, 1, generator=generator)[:, 0]
 
     # ------------------------------------------------------------------------------------------- text
-    def generate(self, conversations: list[list[dict]], params: Sampling, **encode_kwargs: Any) -> list[str]:
+    def complete(self, conversations: list[list[dict]], params: Sampling, **encode_kwargs: Any) -> list[Reply]:
+        """Decode replies to several conversations in one batch."""
         params.check()
         prompts = [self.encode(m, **encode_kwargs) for m in conversations]
         ids: list[list[int]] = [[] for _ in prompts]
-        texts = [""] * len(prompts)
-        stopped = [False] * len(prompts)
+        finished = [False] * len(prompts)  # end of turn or a stop string
         for step_tokens in self.token_stream(prompts, params):
             for b, tok in enumerate(step_tokens):
-                if tok is None or stopped[b]:
+                if finished[b]:
+                    continue
+                if tok is None:
+                    finished[b] = True
                     continue
                 ids[b].append(tok)
                 if params.stop:
-                    texts[b] = self.tokenizer.decode(ids[b], skip_special_tokens=True)
-                    stopped[b] = any(s in texts[b] for s in params.stop)
-            if all(stopped):
+                    text = self.tokenizer.decode(ids[b], skip_special_tokens=True)
+                    finished[b] = any(s in text for s in params.stop)
+            if all(finished):
                 break
-        return [self._cut(self.tokenizer.decode(i, skip_special_tokens=True), params.stop) for i in ids]
+        return [
+            Reply(self._cut(self.tokenizer.decode(i, skip_special_tokens=True), params.stop), len(p.input_ids), len(i),
+                  "stop" if done else "length")
+            for p, i, done in zip(prompts, ids, finished, strict=True)
+        ]
 
     def stream(self, messages: list[dict], params: Sampling, **encode_kwargs: Any) -> Iterator[str]:
         """Yield the reply in pieces as it is decoded (a piece never splits a character)."""

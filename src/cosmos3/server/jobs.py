@@ -1,0 +1,236 @@
+"""Generation jobs: a SQLite record per job, a bounded queue, and one worker thread that owns the GPU."""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import shutil
+import sqlite3
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cosmos3.request import GenerateRequest, RequestError
+from cosmos3.sampler import Cancelled
+
+logger = logging.getLogger(__name__)
+
+# queued -> in_progress -> completed | failed | cancelled
+FINAL = ("completed", "failed", "cancelled")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    id TEXT PRIMARY KEY,
+    dialect TEXT NOT NULL,
+    request TEXT NOT NULL,
+    info TEXT NOT NULL,
+    status TEXT NOT NULL,
+    progress INTEGER NOT NULL DEFAULT 0,
+    created_at REAL NOT NULL,
+    completed_at REAL,
+    outputs TEXT,
+    result TEXT,
+    error TEXT
+)
+"""
+
+
+@dataclass
+class Job:
+    id: str
+    dialect: str
+    request: dict[str, Any]  # GenerateRequest fields (media as files under the job's folder)
+    info: dict[str, Any]  # what the dialect echoes back (model, prompt, size, ...)
+    status: str = "queued"
+    progress: int = 0
+    created_at: float = field(default_factory=time.time)
+    completed_at: float | None = None
+    outputs: list[str] = field(default_factory=list)
+    result: dict[str, Any] = field(default_factory=dict)
+    error: dict[str, Any] | None = None
+
+
+class JobStore:
+    """Jobs in SQLite, so that a restart loses no finished job."""
+
+    def __init__(self, path: Path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute(SCHEMA)
+        self._lock = threading.Lock()
+
+    def add(self, job: Job) -> None:
+        with self._lock:
+            self._db.execute(
+                "INSERT INTO jobs VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                (job.id, job.dialect, json.dumps(job.request), json.dumps(job.info), job.status, job.progress,
+                 job.created_at, job.completed_at, json.dumps(job.outputs), json.dumps(job.result),
+                 json.dumps(job.error)),
+            )
+
+    def update(self, job_id: str, **fields: Any) -> None:
+        encoded = {k: json.dumps(v) if k in ("outputs", "result", "error") else v for k, v in fields.items()}
+        with self._lock:
+            self._db.execute(f"UPDATE jobs SET {', '.join(f'{k}=?' for k in encoded)} WHERE id=?",
+                             (*encoded.values(), job_id))
+
+    def get(self, job_id: str) -> Job | None:
+        with self._lock:
+            row = self._db.execute("SELECT * FROM jobs WHERE id=?", (job_id,)).fetchone()
+        return self._job(row) if row else None
+
+    def list(self, dialect: str | None = None, status: tuple[str, ...] | None = None) -> list[Job]:
+        query, args = "SELECT * FROM jobs WHERE 1=1", []
+        if dialect:
+            query, args = query + " AND dialect=?", [*args, dialect]
+        if status:
+            query += f" AND status IN ({','.join('?' * len(status))})"
+            args += list(status)
+        with self._lock:
+            rows = self._db.execute(query + " ORDER BY created_at", args).fetchall()
+        return [self._job(r) for r in rows]
+
+    def delete(self, job_id: str) -> None:
+        with self._lock:
+            self._db.execute("DELETE FROM jobs WHERE id=?", (job_id,))
+
+    @staticmethod
+    def _job(row) -> Job:
+        return Job(id=row[0], dialect=row[1], request=json.loads(row[2]), info=json.loads(row[3]), status=row[4],
+                   progress=row[5], created_at=row[6], completed_at=row[7], outputs=json.loads(row[8] or "[]"),
+                   result=json.loads(row[9] or "{}"), error=json.loads(row[10] or "null"))
+
+
+class QueueFull(Exception):
+    pass
+
+
+class Worker:
+    """Runs queued jobs one at a time on the engine; a cancel stops a running job at its next denoising step."""
+
+    def __init__(self, engine, store: JobStore, outputs_dir: Path, max_queue: int, retention_s: float):
+        self.engine = engine
+        self.store = store
+        self.outputs_dir = outputs_dir
+        self.retention_s = retention_s
+        self.queue: queue.Queue[str] = queue.Queue(maxsize=max_queue)
+        self.engine_lock = threading.Lock()  # the Reasoner's chat requests share the engine with the worker
+        self._cancel: set[str] = set()
+        self._done: dict[str, threading.Event] = {}
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run, daemon=True, name="cosmos3-worker"),
+                         threading.Thread(target=self._sweep, daemon=True, name="cosmos3-retention")]
+
+    def start(self) -> None:
+        for job in self.store.list(status=("in_progress",)):
+            self.store.update(job.id, status="failed", completed_at=time.time(),
+                              error={"code": 500, "message": "interrupted by a server restart; submit it again"})
+        for job in self.store.list(status=("queued",)):
+            self._done[job.id] = threading.Event()
+            self.queue.put(job.id)  # re-queued in creation order; may exceed max_queue briefly
+        for t in self._threads:
+            t.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def job_dir(self, job_id: str) -> Path:
+        return self.outputs_dir / job_id
+
+    def submit(self, dialect: str, request: dict[str, Any], info: dict[str, Any], job_id: str | None = None) -> Job:
+        job = Job(id=job_id or new_id(), dialect=dialect, request=request, info=info)
+        if self.queue.full():
+            raise QueueFull()
+        self.store.add(job)
+        self._done[job.id] = threading.Event()
+        try:
+            self.queue.put_nowait(job.id)
+        except queue.Full:
+            self.store.delete(job.id)
+            raise QueueFull() from None
+        return job
+
+    def wait(self, job_id: str, timeout: float) -> Job | None:
+        event = self._done.get(job_id)
+        if event is not None and not event.wait(timeout):
+            return None
+        return self.store.get(job_id)
+
+    def cancel(self, job_id: str) -> None:
+        job = self.store.get(job_id)
+        if job is None or job.status in FINAL:
+            return
+        self._cancel.add(job_id)
+        if job.status == "queued":
+            self._finish(job_id, status="cancelled")
+
+    def _finish(self, job_id: str, **fields: Any) -> None:
+        self.store.update(job_id, completed_at=time.time(), **fields)
+        event = self._done.pop(job_id, None)
+        if event is not None:
+            event.set()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                job_id = self.queue.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            job = self.store.get(job_id)
+            if job is None or job.status != "queued" or job_id in self._cancel:
+                self._cancel.discard(job_id)
+                continue
+            self.store.update(job_id, status="in_progress", progress=0)
+            try:
+                outputs, result = self._execute(job)
+            except Cancelled:
+                self._finish(job_id, status="cancelled")
+            except RequestError as exc:
+                self._finish(job_id, status="failed", error={"code": 400, "message": str(exc), "param": exc.field})
+            except Exception as exc:  # a failing job must not take the server down
+                logger.exception("job %s failed", job_id)
+                self._finish(job_id, status="failed", error={"code": 500, "message": f"{type(exc).__name__}: {exc}"})
+            else:
+                self._finish(job_id, status="completed", progress=100, outputs=outputs, result=result)
+            finally:
+                self._cancel.discard(job_id)
+
+    def _execute(self, job: Job) -> tuple[list[str], dict[str, Any]]:
+        def on_step(i: int, n: int) -> None:
+            if job.id in self._cancel:
+                raise Cancelled(job.id)
+            self.store.update(job.id, progress=min(99, int(100 * i / n)))
+
+        request = GenerateRequest.from_dict(job.request)
+        with self.engine_lock:
+            result = self.engine.generate(request, progress=False, on_step=on_step)
+        folder = self.job_dir(job.id)
+        ext = "jpg" if result.video.shape[0] == 1 else "mp4"
+        if job.info.get("image_format"):
+            ext = job.info["image_format"]
+        paths = result.save(folder / f"vision.{ext}")
+        summary: dict[str, Any] = {"num_frames": int(result.video.shape[0]), "fps": result.fps,
+                                   "height": int(result.video.shape[1]), "width": int(result.video.shape[2]),
+                                   "seed": request.seed, "has_sound": result.sound is not None}
+        if result.action is not None:
+            summary["action"] = result.action.tolist()
+            summary["action_meta"] = result.metadata.get("action", {})
+        return [str(p) for p in paths], summary
+
+    def _sweep(self) -> None:
+        """Remove finished jobs (record and files) once they are older than the retention period."""
+        while not self._stop.wait(min(60.0, max(1.0, self.retention_s / 4))):
+            cutoff = time.time() - self.retention_s
+            for job in self.store.list(status=FINAL):
+                if job.completed_at is not None and job.completed_at < cutoff:
+                    shutil.rmtree(self.job_dir(job.id), ignore_errors=True)
+                    self.store.delete(job.id)
+
+
+def new_id() -> str:
+    return f"video_gen_{uuid.uuid4().hex}"
