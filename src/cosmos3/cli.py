@@ -80,7 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--served-model-name", help="the model id clients send and /v1/models lists (default: --model)")
-    s.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (or 'Api-Key KEY') on every route but /health")
+    s.add_argument(
+        "--api-key", help="require 'Authorization: Bearer KEY' (or 'Api-Key KEY') on every route but /health"
+    )
     s.add_argument("--max-queue", type=int, default=16, help="queued generations before 429 (default 16)")
     s.add_argument("--allowed-local-media-path", help="local media paths in requests must lie under this folder")
     s.add_argument("--jobs-db", default="cosmos3-server/jobs.db", help="SQLite job store (survives restarts)")
@@ -221,7 +223,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         model_name=args.served_model_name or args.model,
         api_key=args.api_key,
         max_queue=args.max_queue,
-        allowed_local_media_path=Path(args.allowed_local_media_path).resolve() if args.allowed_local_media_path else None,
+        allowed_local_media_path=Path(args.allowed_local_media_path).resolve()
+        if args.allowed_local_media_path
+        else None,
         jobs_db=Path(args.jobs_db),
         outputs_dir=Path(args.outputs_dir),
         retention_s=args.retention_hours * 3600,

@@ -41,8 +41,9 @@ def fetch_bytes(url: str, field: str, allowed_dir: Path | None = None, allow_loc
         return data
     path = Path(url[len("file://") :] if url.startswith("file://") else url)
     if not allow_local:
-        raise RequestError(field, url, "an http(s) URL or a data URI (this server reads no local files)",
-                           "is a local path")
+        raise RequestError(
+            field, url, "an http(s) URL or a data URI (this server reads no local files)", "is a local path"
+        )
     if allowed_dir is not None:
         resolved = path.resolve()
         if not resolved.is_relative_to(allowed_dir.resolve()):

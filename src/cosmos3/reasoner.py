@@ -500,8 +500,12 @@ class Reasoner:
             if all(finished):
                 break
         return [
-            Reply(self._cut(self.tokenizer.decode(i, skip_special_tokens=True), params.stop), len(p.input_ids), len(i),
-                  "stop" if done else "length")
+            Reply(
+                self._cut(self.tokenizer.decode(i, skip_special_tokens=True), params.stop),
+                len(p.input_ids),
+                len(i),
+                "stop" if done else "length",
+            )
             for p, i, done in zip(prompts, ids, finished, strict=True)
         ]
 

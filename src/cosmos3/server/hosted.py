@@ -11,7 +11,7 @@ from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, ConfigDict, Field
 
 from cosmos3.request import ACTION_MODES
-from cosmos3.server.app import APIError
+from cosmos3.server.app import APIError, check_limits
 from cosmos3.server.inputs import fetch
 from cosmos3.server.openai import failed_response, settings_of
 
@@ -20,8 +20,9 @@ router = APIRouter()
 # The Framework's per-mode defaults (steps, guidance, shift); templates stay on, as there.
 FRAMEWORK_DEFAULTS = {"text2image": (50, 4.0, 3.0), "video": (35, 6.0, 10.0), "action": (30, 1.0, 10.0)}
 
-Mode = Literal["text2image", "text2video", "image2video", "video2video", "forward_dynamics", "inverse_dynamics",
-               "policy", "wam"]
+Mode = Literal[
+    "text2image", "text2video", "image2video", "video2video", "forward_dynamics", "inverse_dynamics", "policy", "wam"
+]
 
 
 class PredictRequest(BaseModel):
@@ -56,15 +57,29 @@ async def predict(body: PredictRequest, request: Request) -> dict[str, Any]:
     job_id = f"predict_{uuid.uuid4().hex}"
     folder = worker.job_dir(job_id) / "inputs"
     action = mode in ACTION_MODES
-    steps, guidance, shift = FRAMEWORK_DEFAULTS["text2image" if mode == "text2image" else
-                                                "action" if action else "video"]
+    steps, guidance, shift = FRAMEWORK_DEFAULTS[
+        "text2image" if mode == "text2image" else "action" if action else "video"
+    ]
     fields: dict[str, Any] = {
-        "mode": mode, "prompt": body.prompt, "negative_prompt": body.negative_prompt, "seed": body.seed,
-        "num_steps": body.num_steps or steps, "guidance": body.guidance if body.guidance is not None else guidance,
-        "shift": body.shift or shift, "enable_sound": body.enable_sound, "use_system_prompt": body.use_system_prompt,
+        "mode": mode,
+        "prompt": body.prompt,
+        "negative_prompt": body.negative_prompt,
+        "seed": body.seed,
+        "num_steps": body.num_steps or steps,
+        "guidance": body.guidance if body.guidance is not None else guidance,
+        "shift": body.shift or shift,
+        "enable_sound": body.enable_sound,
+        "use_system_prompt": body.use_system_prompt,
     }
-    for name in ("num_frames", "fps", "aspect_ratio", "action_chunk_size", "raw_action_dim", "domain_name",
-                 "view_point"):
+    for name in (
+        "num_frames",
+        "fps",
+        "aspect_ratio",
+        "action_chunk_size",
+        "raw_action_dim",
+        "domain_name",
+        "view_point",
+    ):
         value = getattr(body, name)
         if value is not None:
             fields[name] = value
@@ -83,6 +98,7 @@ async def predict(body: PredictRequest, request: Request) -> dict[str, Any]:
     if body.action_path:
         fields["action"] = str(fetch(body.action_path, folder, "action_path", settings)[0])
     resolved = engine.request(**fields)
+    check_limits(resolved, settings)
     name = body.name or f"sample_{uuid.uuid4().hex[:8]}"
     job = worker.submit("predict", resolved.__dict__, {"prompt": body.prompt, "mode": mode, "name": name}, job_id)
     done = await run_in_threadpool(worker.wait, job.id, settings.sync_timeout_s)
@@ -94,9 +110,17 @@ async def predict(body: PredictRequest, request: Request) -> dict[str, Any]:
     vision = done.outputs[0]
     with open(vision, "rb") as f:
         data = base64.b64encode(f.read()).decode()
-    reply: dict[str, Any] = {"name": name, "model_mode": body.model_mode,
-                             "format": "jpg" if vision.endswith(".jpg") else "mp4", "data": data}
+    reply: dict[str, Any] = {
+        "name": name,
+        "model_mode": body.model_mode,
+        "format": "jpg" if vision.endswith(".jpg") else "mp4",
+        "data": data,
+    }
     if "action" in done.result:
-        reply["sample_outputs"] = {"status": "success", "outputs": [
-            {"content": {"action": done.result["action"]}, "files": [p.rsplit("/", 1)[-1] for p in done.outputs]}]}
+        reply["sample_outputs"] = {
+            "status": "success",
+            "outputs": [
+                {"content": {"action": done.result["action"]}, "files": [p.rsplit("/", 1)[-1] for p in done.outputs]}
+            ],
+        }
     return reply

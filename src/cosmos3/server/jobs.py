@@ -68,16 +68,27 @@ class JobStore:
         with self._lock:
             self._db.execute(
                 "INSERT INTO jobs VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-                (job.id, job.dialect, json.dumps(job.request), json.dumps(job.info), job.status, job.progress,
-                 job.created_at, job.completed_at, json.dumps(job.outputs), json.dumps(job.result),
-                 json.dumps(job.error)),
+                (
+                    job.id,
+                    job.dialect,
+                    json.dumps(job.request),
+                    json.dumps(job.info),
+                    job.status,
+                    job.progress,
+                    job.created_at,
+                    job.completed_at,
+                    json.dumps(job.outputs),
+                    json.dumps(job.result),
+                    json.dumps(job.error),
+                ),
             )
 
     def update(self, job_id: str, **fields: Any) -> None:
         encoded = {k: json.dumps(v) if k in ("outputs", "result", "error") else v for k, v in fields.items()}
         with self._lock:
-            self._db.execute(f"UPDATE jobs SET {', '.join(f'{k}=?' for k in encoded)} WHERE id=?",
-                             (*encoded.values(), job_id))
+            self._db.execute(
+                f"UPDATE jobs SET {', '.join(f'{k}=?' for k in encoded)} WHERE id=?", (*encoded.values(), job_id)
+            )
 
     def get(self, job_id: str) -> Job | None:
         with self._lock:
@@ -101,9 +112,19 @@ class JobStore:
 
     @staticmethod
     def _job(row) -> Job:
-        return Job(id=row[0], dialect=row[1], request=json.loads(row[2]), info=json.loads(row[3]), status=row[4],
-                   progress=row[5], created_at=row[6], completed_at=row[7], outputs=json.loads(row[8] or "[]"),
-                   result=json.loads(row[9] or "{}"), error=json.loads(row[10] or "null"))
+        return Job(
+            id=row[0],
+            dialect=row[1],
+            request=json.loads(row[2]),
+            info=json.loads(row[3]),
+            status=row[4],
+            progress=row[5],
+            created_at=row[6],
+            completed_at=row[7],
+            outputs=json.loads(row[8] or "[]"),
+            result=json.loads(row[9] or "{}"),
+            error=json.loads(row[10] or "null"),
+        )
 
 
 class QueueFull(Exception):
@@ -123,21 +144,42 @@ class Worker:
         self._cancel: set[str] = set()
         self._done: dict[str, threading.Event] = {}
         self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._run, daemon=True, name="cosmos3-worker"),
-                         threading.Thread(target=self._sweep, daemon=True, name="cosmos3-retention")]
+        self._threads: list[threading.Thread] = []
 
     def start(self) -> None:
+        """Recover the store (see README: interrupted jobs fail, queued ones run) and start the threads.
+        Idempotent, and a stopped worker can start again (ASGI test clients cycle the app's lifespan)."""
+        if any(t.is_alive() for t in self._threads):
+            return
+        self._stop.clear()
+        self._cancel.clear()
         for job in self.store.list(status=("in_progress",)):
-            self.store.update(job.id, status="failed", completed_at=time.time(),
-                              error={"code": 500, "message": "interrupted by a server restart; submit it again"})
+            self.store.update(
+                job.id,
+                status="failed",
+                completed_at=time.time(),
+                error={"code": 500, "message": "interrupted by a server restart; submit it again"},
+            )
         for job in self.store.list(status=("queued",)):
             self._done[job.id] = threading.Event()
-            self.queue.put(job.id)  # re-queued in creation order; may exceed max_queue briefly
+            if job.id not in self.queue.queue:
+                self.queue.put(job.id)  # re-queued in creation order; may exceed max_queue briefly
+        self._threads = [
+            threading.Thread(target=self._run, daemon=True, name="cosmos3-worker"),
+            threading.Thread(target=self._sweep, daemon=True, name="cosmos3-retention"),
+        ]
         for t in self._threads:
             t.start()
 
     def stop(self) -> None:
+        """Stop taking jobs; a running job finishes its current step first (its record stays in_progress and is
+        marked failed at the next start if it did not complete)."""
         self._stop.set()
+        running = self.store.list(status=("in_progress",))
+        self._cancel.update(j.id for j in running)
+        for t in self._threads:
+            if t.is_alive():
+                t.join(timeout=30)
 
     def job_dir(self, job_id: str) -> Path:
         return self.outputs_dir / job_id
@@ -189,7 +231,14 @@ class Worker:
             try:
                 outputs, result = self._execute(job)
             except Cancelled:
-                self._finish(job_id, status="cancelled")
+                if self._stop.is_set():
+                    self._finish(
+                        job_id,
+                        status="failed",
+                        error={"code": 500, "message": "interrupted by a server shutdown; submit it again"},
+                    )
+                else:
+                    self._finish(job_id, status="cancelled")
             except RequestError as exc:
                 self._finish(job_id, status="failed", error={"code": 400, "message": str(exc), "param": exc.field})
             except Exception as exc:  # a failing job must not take the server down
@@ -214,9 +263,14 @@ class Worker:
         if job.info.get("image_format"):
             ext = job.info["image_format"]
         paths = result.save(folder / f"vision.{ext}")
-        summary: dict[str, Any] = {"num_frames": int(result.video.shape[0]), "fps": result.fps,
-                                   "height": int(result.video.shape[1]), "width": int(result.video.shape[2]),
-                                   "seed": request.seed, "has_sound": result.sound is not None}
+        summary: dict[str, Any] = {
+            "num_frames": int(result.video.shape[0]),
+            "fps": result.fps,
+            "height": int(result.video.shape[1]),
+            "width": int(result.video.shape[2]),
+            "seed": request.seed,
+            "has_sound": result.sound is not None,
+        }
         if result.action is not None:
             summary["action"] = result.action.tolist()
             summary["action_meta"] = result.metadata.get("action", {})

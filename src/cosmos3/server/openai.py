@@ -12,14 +12,14 @@ import time
 import uuid
 from typing import Any, Literal
 
-from fastapi import APIRouter, File, Form, Query, Request, UploadFile
+from fastapi import APIRouter, Depends, File, Form, Query, Request, UploadFile
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from cosmos3.reasoner import Sampling
 from cosmos3.request import ACTION_MODES, RequestError
-from cosmos3.server.app import APIError, Settings
+from cosmos3.server.app import APIError, Settings, check_limits
 from cosmos3.server.inputs import check_model, fetch, save_upload
 from cosmos3.server.jobs import Job
 
@@ -135,9 +135,15 @@ def job_object(job: Job, settings: Settings) -> dict[str, Any]:
     if "action" in result:
         data = result["action"]
         meta = result.get("action_meta", {})
-        body["action"] = {"data": data, "shape": [len(data), len(data[0]) if data else 0], "dtype": "float32",
-                          "raw_action_dim": meta.get("raw_action_dim"), "action_mode": info.get("mode"),
-                          "domain_id": meta.get("domain_id"), "action_space": meta.get("action_space")}
+        body["action"] = {
+            "data": data,
+            "shape": [len(data), len(data[0]) if data else 0],
+            "dtype": "float32",
+            "raw_action_dim": meta.get("raw_action_dim"),
+            "action_mode": info.get("mode"),
+            "domain_id": meta.get("domain_id"),
+            "action_space": meta.get("action_space"),
+        }
     return body
 
 
@@ -180,14 +186,27 @@ async def images_generations(body: ImageGenerationRequest, request: Request):
     for i in range(body.n):
         job_id = f"img_{uuid.uuid4().hex}"
         fields: dict[str, Any] = {
-            "mode": "text2image", "prompt": body.prompt, "negative_prompt": body.negative_prompt, "width": width,
-            "height": height, "num_steps": body.num_inference_steps or steps,
+            "mode": "text2image",
+            "prompt": body.prompt,
+            "negative_prompt": body.negative_prompt,
+            "width": width,
+            "height": height,
+            "num_steps": body.num_inference_steps or steps,
             "guidance": body.guidance_scale if body.guidance_scale is not None else guidance,
-            "shift": body.flow_shift or shift, "seed": seed + i,
-            "use_resolution_template": False, "use_duration_template": False, "use_system_prompt": False,
+            "shift": body.flow_shift or shift,
+            "seed": seed + i,
+            "use_resolution_template": False,
+            "use_duration_template": False,
+            "use_system_prompt": False,
         }
         apply_extra(fields, extra, worker.job_dir(job_id) / "inputs", settings)
-        request_fields = request.app.state.engine.request(**fields).__dict__ | {"image": None, "video": None}
+        if fields["mode"] != "text2image":
+            raise APIError(
+                400, "extra_params.action_mode does not apply to /v1/images/generations", "extra_params.action_mode"
+            )
+        resolved = request.app.state.engine.request(**fields)
+        check_limits(resolved, settings)
+        request_fields = resolved.__dict__
         ext = {"jpeg": "jpg"}.get(body.output_format, body.output_format)
         jobs.append(worker.submit("images", request_fields, {"prompt": body.prompt, "image_format": ext}, job_id))
     data = []
@@ -202,48 +221,69 @@ async def images_generations(body: ImageGenerationRequest, request: Request):
             return FileResponse(path, media_type=f"image/{body.output_format}")
         with open(path, "rb") as f:
             data.append({"b64_json": base64.b64encode(f.read()).decode(), "url": None, "revised_prompt": None})
-    return {"created": int(time.time()), "data": data, "output_format": body.output_format,
-            "size": f"{width}x{height}"}
+    return {"created": int(time.time()), "data": data, "output_format": body.output_format, "size": f"{width}x{height}"}
 
 
 # ---------------------------------------------------------------------------------------------------- videos
 VIDEO_FORM_FIELDS = {
-    "prompt", "model", "negative_prompt", "size", "width", "height", "num_frames", "fps", "seconds",
-    "num_inference_steps", "guidance_scale", "flow_shift", "seed", "generate_sound", "sound_duration",
-    "input_reference", "image_reference", "video_reference", "extra_params", "extra_args", "max_sequence_length",
+    "prompt",
+    "model",
+    "negative_prompt",
+    "size",
+    "width",
+    "height",
+    "num_frames",
+    "fps",
+    "seconds",
+    "num_inference_steps",
+    "guidance_scale",
+    "flow_shift",
+    "seed",
+    "generate_sound",
+    "sound_duration",
+    "input_reference",
+    "image_reference",
+    "video_reference",
+    "extra_params",
+    "extra_args",
+    "max_sequence_length",
 }
 
 
 async def video_job(
     request: Request,
-    prompt: str,
-    model: str | None,
-    negative_prompt: str | None,
-    size: str | None,
-    width: int | None,
-    height: int | None,
-    num_frames: int | None,
-    fps: float | None,
-    seconds: int | None,
-    num_inference_steps: int | None,
-    guidance_scale: float | None,
-    flow_shift: float | None,
-    seed: int | None,
-    generate_sound: bool | None,
-    sound_duration: float | None,
-    input_reference: UploadFile | None,
-    image_reference: str | None,
-    video_reference: str | None,
-    extra_params: str | None,
-    extra_args: str | None,
-    max_sequence_length: int | None,
+    prompt: str = Form(...),
+    model: str | None = Form(None),
+    negative_prompt: str | None = Form(None),
+    size: str | None = Form(None, pattern=r"^\d+x\d+$"),
+    width: int | None = Form(None, ge=16, le=4096),
+    height: int | None = Form(None, ge=16, le=4096),
+    num_frames: int | None = Form(None, ge=1, le=1000),
+    fps: float | None = Form(None, ge=1, le=120),
+    seconds: int | None = Form(None, ge=1, le=60),
+    num_inference_steps: int | None = Form(None, ge=1, le=200),
+    guidance_scale: float | None = Form(None, ge=0, le=20),
+    flow_shift: float | None = Form(None, gt=0, le=1000),
+    seed: int | None = Form(None, ge=0, le=2**63 - 1),
+    generate_sound: bool | None = Form(None),
+    sound_duration: float | None = Form(None, gt=0, le=60),
+    input_reference: UploadFile | None = File(None),
+    image_reference: str | None = Form(None, description='JSON like {"image_url": "https://..."}'),
+    video_reference: str | None = Form(None, description='JSON like {"video_url": "https://..."}'),
+    extra_params: str | None = Form(None, description="JSON object of Cosmos-specific keys"),
+    extra_args: str | None = Form(None, description="alias of extra_params"),
+    max_sequence_length: int | None = Form(None, ge=1),
 ) -> Job:
+    """The form fields of both video routes -> a queued job (a FastAPI dependency, so the fields are declared once)."""
     settings, worker, engine = settings_of(request), request.app.state.worker, request.app.state.engine
     form = await request.form()
     unknown = sorted(set(form.keys()) - VIDEO_FORM_FIELDS)
     if unknown:
-        raise APIError(400, f"form field {unknown[0]!r} is not supported; allowed: {', '.join(sorted(VIDEO_FORM_FIELDS))}",
-                       unknown[0])
+        raise APIError(
+            400,
+            f"form field {unknown[0]!r} is not supported; allowed: {', '.join(sorted(VIDEO_FORM_FIELDS))}",
+            unknown[0],
+        )
     check_model(model, settings)
     extra = parse_extra(extra_params, extra_args)
     check_prompt_length(engine, prompt, max_sequence_length or extra.get("max_sequence_length"))
@@ -253,8 +293,10 @@ async def video_job(
     refs: list[tuple[str, Any]] = []
     if input_reference is not None and input_reference.filename:
         refs.append(await save_upload(input_reference, folder, "input_reference", settings))
-    for name, raw, key in (("image_reference", image_reference, "image_url"),
-                           ("video_reference", video_reference, "video_url")):
+    for name, raw, key in (
+        ("image_reference", image_reference, "image_url"),
+        ("video_reference", video_reference, "video_url"),
+    ):
         if raw:
             try:
                 url = json.loads(raw)[key]
@@ -262,15 +304,24 @@ async def video_job(
                 raise APIError(400, f'{name} must be JSON like {{"{key}": "https://..."}}', name) from exc
             refs.append(fetch(url, folder, name, settings))
     if len(refs) > 1:
-        raise APIError(400, "send one reference: input_reference, image_reference or video_reference", "input_reference")
+        raise APIError(
+            400, "send one reference: input_reference, image_reference or video_reference", "input_reference"
+        )
 
-    fields: dict[str, Any] = {"prompt": prompt, "negative_prompt": negative_prompt,
-                              "use_resolution_template": False, "use_duration_template": False}
+    fields: dict[str, Any] = {
+        "prompt": prompt,
+        "negative_prompt": negative_prompt,
+        "use_resolution_template": False,
+        "use_duration_template": False,
+    }
     apply_extra(fields, extra, folder, settings)
     action = fields.get("mode") in ACTION_MODES
     if fields.get("mode") is not None and not action:
-        raise APIError(400, f"extra_params.action_mode={fields['mode']!r} is not one of {', '.join(ACTION_MODES)}",
-                       "extra_params.action_mode")
+        raise APIError(
+            400,
+            f"extra_params.action_mode={fields['mode']!r} is not one of {', '.join(ACTION_MODES)}",
+            "extra_params.action_mode",
+        )
     kind = refs[0][1] if refs else None
     if refs:
         fields[kind] = str(refs[0][0])
@@ -292,13 +343,15 @@ async def video_job(
     if action:
         fields.setdefault("resolution", "480")
         if width or height:
-            raise APIError(400, "size is not used in action modes: the canvas comes from extra_params.image_size",
-                           "size")
+            raise APIError(
+                400, "size is not used in action modes: the canvas comes from extra_params.image_size", "size"
+            )
         if num_frames is not None:
             chunk = fields.get("action_chunk_size", 16)
             if num_frames not in (chunk, chunk + 1):
-                raise APIError(400, f"num_frames={num_frames} must be action_chunk_size ({chunk}) or one more",
-                               "num_frames")
+                raise APIError(
+                    400, f"num_frames={num_frames} must be action_chunk_size ({chunk}) or one more", "num_frames"
+                )
     else:
         if num_frames is None and seconds is not None:
             num_frames = int(seconds * fields["fps"])
@@ -309,16 +362,28 @@ async def video_job(
         elif not width:
             width, height = default_reference_size(refs[0][0], kind)
         fields["width"], fields["height"] = width, height
-    duration = sound_duration if sound_duration is not None else extra.get("sound_duration", extra.get("audio_duration"))
+    duration = (
+        sound_duration if sound_duration is not None else extra.get("sound_duration", extra.get("audio_duration"))
+    )
     if duration is not None and not action:
         video_s = fields["num_frames"] / fields["fps"]
         if abs(float(duration) - video_s) > 1.0 / fields["fps"]:
-            raise APIError(400, f"sound_duration={duration} must equal the video's {video_s:.3f} s "
-                           "(the sound is generated jointly with the video)", "sound_duration")
+            raise APIError(
+                400,
+                f"sound_duration={duration} must equal the video's {video_s:.3f} s "
+                "(the sound is generated jointly with the video)",
+                "sound_duration",
+            )
     resolved = engine.request(**fields)  # validation errors become 400 with the field named
-    info = {"prompt": prompt, "size": f"{resolved.width}x{resolved.height}" if resolved.width else None,
-            "seconds": str(seconds) if seconds is not None else "4", "fps": resolved.fps,
-            "num_frames": resolved.num_frames, "mode": resolved.mode}
+    check_limits(resolved, settings)
+    info = {
+        "prompt": prompt,
+        "size": f"{resolved.width}x{resolved.height}" if resolved.width else None,
+        "seconds": str(seconds) if seconds is not None else "4",
+        "fps": resolved.fps,
+        "num_frames": resolved.num_frames,
+        "mode": resolved.mode,
+    }
     return worker.submit("videos", resolved.__dict__, info, job_id)
 
 
@@ -326,53 +391,25 @@ def default_reference_size(path, kind: str) -> tuple[int, int]:
     """About 720p of area with the reference's aspect ratio, in multiples of 16 (vLLM-Omni's I2V/V2V default)."""
     from cosmos3 import media
 
-    w, h = (media.load_image(path).size if kind == "image" else media.load_video(path)[0][0].size)
+    w, h = media.load_image(path).size if kind == "image" else media.load_video(path)[0][0].size
     scale = math.sqrt(1280 * 720 / (w * h))
     return max(16, round(w * scale / 16) * 16), max(16, round(h * scale / 16) * 16)
 
 
 @router.post("/v1/videos")
-async def create_video(request: Request, prompt: str = Form(...), model: str | None = Form(None),
-                       negative_prompt: str | None = Form(None), size: str | None = Form(None, pattern=r"^\d+x\d+$"),
-                       width: int | None = Form(None, ge=16, le=4096), height: int | None = Form(None, ge=16, le=4096),
-                       num_frames: int | None = Form(None, ge=1, le=1000), fps: float | None = Form(None, ge=1, le=120),
-                       seconds: int | None = Form(None, ge=1, le=60),
-                       num_inference_steps: int | None = Form(None, ge=1, le=200),
-                       guidance_scale: float | None = Form(None, ge=0, le=20),
-                       flow_shift: float | None = Form(None, gt=0, le=1000),
-                       seed: int | None = Form(None, ge=0, le=2**63 - 1), generate_sound: bool | None = Form(None),
-                       sound_duration: float | None = Form(None, gt=0, le=60),
-                       input_reference: UploadFile | None = File(None), image_reference: str | None = Form(None),
-                       video_reference: str | None = Form(None), extra_params: str | None = Form(None),
-                       extra_args: str | None = Form(None), max_sequence_length: int | None = Form(None, ge=1)):
+async def create_video(request: Request, job: Job = Depends(video_job)):
     """Create an async generation job (poll `GET /v1/videos/{id}`, download `/content`)."""
-    args = {k: v for k, v in locals().items() if k != "request"}
-    job = await video_job(request, **args)
     return job_object(job, settings_of(request))
 
 
-@router.post("/v1/videos/sync", response_class=Response,
-             responses={200: {"content": {"video/mp4": {}}, "description": "The MP4 (AAC muxed with sound)"}})
-async def create_video_sync(request: Request, prompt: str = Form(...), model: str | None = Form(None),
-                            negative_prompt: str | None = Form(None),
-                            size: str | None = Form(None, pattern=r"^\d+x\d+$"),
-                            width: int | None = Form(None, ge=16, le=4096),
-                            height: int | None = Form(None, ge=16, le=4096),
-                            num_frames: int | None = Form(None, ge=1, le=1000),
-                            fps: float | None = Form(None, ge=1, le=120), seconds: int | None = Form(None, ge=1, le=60),
-                            num_inference_steps: int | None = Form(None, ge=1, le=200),
-                            guidance_scale: float | None = Form(None, ge=0, le=20),
-                            flow_shift: float | None = Form(None, gt=0, le=1000),
-                            seed: int | None = Form(None, ge=0, le=2**63 - 1), generate_sound: bool | None = Form(None),
-                            sound_duration: float | None = Form(None, gt=0, le=60),
-                            input_reference: UploadFile | None = File(None),
-                            image_reference: str | None = Form(None), video_reference: str | None = Form(None),
-                            extra_params: str | None = Form(None), extra_args: str | None = Form(None),
-                            max_sequence_length: int | None = Form(None, ge=1)):
+@router.post(
+    "/v1/videos/sync",
+    response_class=Response,
+    responses={200: {"content": {"video/mp4": {}}, "description": "The MP4 (AAC muxed with sound)"}},
+)
+async def create_video_sync(request: Request, job: Job = Depends(video_job)):
     """Generate and return the MP4 in the response (actions are only in the async job object)."""
     settings, worker = settings_of(request), request.app.state.worker
-    args = {k: v for k, v in locals().items() if k not in ("request", "settings", "worker")}
-    job = await video_job(request, **args)
     done = await run_in_threadpool(worker.wait, job.id, settings.sync_timeout_s)
     if done is None:
         worker.cancel(job.id)
@@ -381,9 +418,15 @@ async def create_video_sync(request: Request, prompt: str = Form(...), model: st
         raise failed_response(done)
     with open(done.outputs[0], "rb") as f:
         data = f.read()
-    return Response(data, media_type="video/mp4", headers={
-        "X-Request-Id": done.id, "X-Model": settings.model_name,
-        "X-Inference-Time-S": f"{(done.completed_at or time.time()) - done.created_at:.3f}"})
+    return Response(
+        data,
+        media_type="video/mp4",
+        headers={
+            "X-Request-Id": done.id,
+            "X-Model": settings.model_name,
+            "X-Inference-Time-S": f"{(done.completed_at or time.time()) - done.created_at:.3f}",
+        },
+    )
 
 
 def _get_job(request: Request, video_id: str) -> Job:
@@ -394,8 +437,12 @@ def _get_job(request: Request, video_id: str) -> Job:
 
 
 @router.get("/v1/videos")
-def list_videos(request: Request, after: str | None = None, limit: int = Query(20, ge=0, le=100),
-                order: Literal["asc", "desc"] = "desc"):
+def list_videos(
+    request: Request,
+    after: str | None = None,
+    limit: int = Query(20, ge=0, le=100),
+    order: Literal["asc", "desc"] = "desc",
+):
     settings = settings_of(request)
     jobs = request.app.state.store.list("videos")
     if order == "desc":
@@ -404,9 +451,13 @@ def list_videos(request: Request, after: str | None = None, limit: int = Query(2
         ids = [j.id for j in jobs]
         jobs = jobs[ids.index(after) + 1 :] if after in ids else []
     page = jobs[:limit]
-    return {"object": "list", "data": [job_object(j, settings) for j in page],
-            "first_id": page[0].id if page else None, "last_id": page[-1].id if page else None,
-            "has_more": len(jobs) > len(page)}
+    return {
+        "object": "list",
+        "data": [job_object(j, settings) for j in page],
+        "first_id": page[0].id if page else None,
+        "last_id": page[-1].id if page else None,
+        "has_more": len(jobs) > len(page),
+    }
 
 
 @router.get("/v1/videos/{video_id}")
@@ -417,8 +468,11 @@ def get_video(request: Request, video_id: str):
     return JSONResponse(body, status_code=status)
 
 
-@router.get("/v1/videos/{video_id}/content", response_class=FileResponse,
-            responses={200: {"content": {"video/mp4": {}}, "description": "The generated MP4"}})
+@router.get(
+    "/v1/videos/{video_id}/content",
+    response_class=FileResponse,
+    responses={200: {"content": {"video/mp4": {}}, "description": "The generated MP4"}},
+)
 def get_video_content(request: Request, video_id: str):
     job = _get_job(request, video_id)
     if job.status in ("queued", "in_progress"):
@@ -477,8 +531,10 @@ def chat_settings(body: ChatCompletionRequest) -> tuple[Sampling, dict[str, Any]
         stop=[body.stop] if isinstance(body.stop, str) else list(body.stop or []),
     )
     encode: dict[str, Any] = {}
-    for name, kwargs in (("media_io_kwargs", (body.media_io_kwargs or {}).get("video", {})),
-                         ("mm_processor_kwargs", body.mm_processor_kwargs or {})):
+    for name, kwargs in (
+        ("media_io_kwargs", (body.media_io_kwargs or {}).get("video", {})),
+        ("mm_processor_kwargs", body.mm_processor_kwargs or {}),
+    ):
         for key, value in kwargs.items():
             if key == "fps":
                 encode["video_fps"] = float(value)
@@ -497,20 +553,38 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
         raise APIError(400, "this server was started without the Reasoner", "model")
     sampling, encode = chat_settings(body)
     sampling.check()
+    if sampling.max_tokens > settings.max_tokens:
+        raise APIError(
+            400, f"max_tokens={sampling.max_tokens} exceeds this server's limit of {settings.max_tokens}", "max_tokens"
+        )
     reasoner = engine.reasoner
     created, completion_id = int(time.time()), f"chatcmpl-{uuid.uuid4().hex}"
 
     if not body.stream:
+
         def run():
             with worker.engine_lock:
                 return reasoner.complete([body.messages], sampling, **encode)[0]
 
         reply = await run_in_threadpool(run)
-        return {"id": completion_id, "object": "chat.completion", "created": created, "model": settings.model_name,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": reply.text},
-                             "finish_reason": reply.finish_reason}],
-                "usage": {"prompt_tokens": reply.prompt_tokens, "completion_tokens": reply.completion_tokens,
-                          "total_tokens": reply.prompt_tokens + reply.completion_tokens}}
+        return {
+            "id": completion_id,
+            "object": "chat.completion",
+            "created": created,
+            "model": settings.model_name,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": reply.text},
+                    "finish_reason": reply.finish_reason,
+                }
+            ],
+            "usage": {
+                "prompt_tokens": reply.prompt_tokens,
+                "completion_tokens": reply.completion_tokens,
+                "total_tokens": reply.prompt_tokens + reply.completion_tokens,
+            },
+        }
 
     # Validate and encode before streaming starts, so that bad input is a 400 rather than a broken stream.
     pieces: queue.Queue = queue.Queue()
@@ -531,8 +605,13 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     threading.Thread(target=produce, daemon=True).start()
 
     def chunk(delta: dict, finish: str | None = None) -> str:
-        data = {"id": completion_id, "object": "chat.completion.chunk", "created": created,
-                "model": settings.model_name, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+        data = {
+            "id": completion_id,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": settings.model_name,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+        }
         return f"data: {json.dumps(data)}\n\n"
 
     async def events():
@@ -545,8 +624,12 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
                 yield chunk({}, "stop")
                 break
             else:
-                err = {"error": {"message": str(value), "type": "BadRequestError"
-                                 if isinstance(value, RequestError) else "InternalServerError"}}
+                err = {
+                    "error": {
+                        "message": str(value),
+                        "type": "BadRequestError" if isinstance(value, RequestError) else "InternalServerError",
+                    }
+                }
                 yield f"data: {json.dumps(err)}\n\n"
                 break
         yield "data: [DONE]\n\n"
@@ -557,5 +640,15 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
 @router.get("/v1/models")
 def models(request: Request):
     settings = settings_of(request)
-    return {"object": "list", "data": [{"id": settings.model_name, "object": "model", "created": 0,
-                                        "owned_by": "cosmos3", "root": str(request.app.state.engine.path)}]}
+    return {
+        "object": "list",
+        "data": [
+            {
+                "id": settings.model_name,
+                "object": "model",
+                "created": 0,
+                "owned_by": "cosmos3",
+                "root": str(request.app.state.engine.path),
+            }
+        ],
+    }
