@@ -163,6 +163,8 @@ class Engine:
         device: str | torch.device = "cpu",
         dtype: str | torch.dtype = "float32",
         surfaces: tuple[str, ...] | list[str] = SURFACES,
+        fp8: bool = False,
+        compile: bool = False,
     ):
         from transformers import AutoTokenizer
 
@@ -188,6 +190,12 @@ class Engine:
         self.transformer, vision_weights = load_transformer(
             cfg, files, self.device, self.dtype, generator="generator" in self.surfaces
         )
+        if fp8 and "generator" in self.surfaces:  # opt-in: changes results beyond bf16 noise
+            from cosmos3.model.fp8 import use_fp8_generation_linears
+
+            use_fp8_generation_linears(self.transformer)
+        if compile:
+            self.transformer.compile_generation_layers()
         if (path / "vision_encoder").is_dir():
             vision_weights.update(read_tensors(weight_files(path / "vision_encoder"), self.device, self.dtype))
         self.vision_weights = vision_weights
@@ -311,13 +319,17 @@ def load(
     device: str | torch.device = "cpu",
     dtype: str | torch.dtype = "float32",
     surfaces: tuple[str, ...] | list[str] | None = None,
+    fp8: bool = False,
+    compile: bool = False,
 ) -> Engine:
     """Load `"tiny"`, a local checkpoint folder, or a cached hub id (e.g. `"nvidia/Cosmos3-Nano"`).
 
-    `surfaces=["reasoner"]` skips the generation pathway, VAE and audio codec (about half the memory)."""
+    `surfaces=["reasoner"]` skips the generation pathway, VAE and audio codec (about half the memory).
+    Opt-in speed options (see benchmarks/README.md for their effect on speed and output): `fp8=True` runs the
+    generation pathway's matmuls in FP8 (Hopper), `compile=True` torch.compiles the generation layer."""
     if isinstance(dtype, str) and dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r} is not supported; allowed: {', '.join(DTYPES)}")
     path = resolve_path(model)
     if surfaces is None:  # everything the folder holds
         surfaces = SURFACES if (path / "transformer" / "config.json").is_file() else ("reasoner",)
-    return Engine(path, device=device, dtype=dtype, surfaces=surfaces)
+    return Engine(path, device=device, dtype=dtype, surfaces=surfaces, fp8=fp8, compile=compile)

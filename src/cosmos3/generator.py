@@ -73,6 +73,7 @@ class Generator:
         self.sound_tokenizer = sound_tokenizer
         self.default_use_system_prompt = default_use_system_prompt
         self.use_native_flow_schedule = use_native_flow_schedule
+        self.last_computed_steps = 0  # model evaluations of the last request (fewer than steps with step_cache)
         self.spatial = int(vae.config.scale_factor_spatial)
         self.temporal = int(vae.config.scale_factor_temporal)
         # Stored in the VAE dtype, as the reference does (bf16-rounded with a bf16 VAE).
@@ -229,7 +230,12 @@ class Generator:
             video=video,
             fps=req.fps,
             latents=out["vision"],
-            metadata={"mode": req.mode, "seed": req.seed, "num_frames": video.shape[0]},
+            metadata={
+                "mode": req.mode,
+                "seed": req.seed,
+                "num_frames": video.shape[0],
+                "computed_steps": self.last_computed_steps,
+            },
         )
         if req.enable_sound:
             result.sound = self.decode_sound(out["sound"])

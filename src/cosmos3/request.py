@@ -104,6 +104,7 @@ class GenerateRequest:
     action_stats: Any = None  # per-channel normalisation statistics (dict or JSON file) for raw actions
     view_point: str | None = "ego_view"
     chunks: int = 1  # chained chunks for long policy / forward_dynamics rollouts
+    step_cache: float | None = None  # opt-in: reuse velocities while the input changes less than this (e.g. 0.1)
     name: str | None = None  # names the output in spec files and jobs
 
     @classmethod
@@ -169,6 +170,8 @@ class GenerateRequest:
         if r.shift is not None:
             _check_number("shift", r.shift, 1e-3, 1000.0)
         _check_int("seed", r.seed, 0, 2**63 - 1)
+        if r.step_cache is not None:
+            _check_number("step_cache", r.step_cache, 1e-6, 10.0)
         for name in ("enable_sound", "use_resolution_template", "use_duration_template"):
             if not isinstance(getattr(r, name), bool):
                 raise RequestError(name, getattr(r, name), "true or false")

@@ -33,6 +33,32 @@ class Stream:
         return len(set(self.clean_frames)) >= frames
 
 
+class StepCache:
+    """Opt-in step caching (TeaCache-style): while the noisy input has changed by less than `threshold` (relative L1,
+    accumulated since the last computed step), reuse the last velocities instead of running the model. The first
+    two and the last step are always computed, and at most `max_skips` steps in a row are reused."""
+
+    def __init__(self, threshold: float, steps: int, max_skips: int = 2):
+        self.threshold, self.steps, self.max_skips = threshold, steps, max_skips
+        self.previous: torch.Tensor | None = None
+        self.accumulated = 0.0
+        self.skipped_in_row = 0
+        self.computed = 0
+
+    def compute(self, step: int, latents: torch.Tensor) -> bool:
+        if self.previous is not None:
+            change = (latents - self.previous).abs().mean() / self.previous.abs().mean().clamp(min=1e-12)
+            self.accumulated += float(change)
+        self.previous = latents.clone()
+        must = step < 2 or step == self.steps - 1 or self.skipped_in_row >= self.max_skips
+        if must or self.accumulated >= self.threshold:
+            self.accumulated, self.skipped_in_row = 0.0, 0
+            self.computed += 1
+            return True
+        self.skipped_in_row += 1
+        return False
+
+
 class Cancelled(Exception):
     """Raised by an `on_step` callback to stop a generation between steps."""
 
@@ -57,11 +83,7 @@ def make_scheduler(config: dict, num_steps: int, shift: float | None, native_sch
     return scheduler
 
 
-def velocities(gen: Generator, packed: Packed, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    model = gen.transformer
-    v_vision, v_sound, v_action = model(
-        packed, inputs["vision"][0], inputs["timestep"], inputs.get("sound"), inputs.get("action")
-    )
+def as_velocities(v_vision, v_sound, v_action) -> dict[str, torch.Tensor]:
     out = {"vision": v_vision[None].float()}
     if v_sound is not None:
         out["sound"] = v_sound.float()
@@ -85,15 +107,25 @@ def denoise(
     # UniPC keeps a history per instance, so every modality steps its own copy.
     schedulers = {s.name: copy.deepcopy(scheduler) for s in streams}
     guided = req.guidance != 1.0
+    packs = packs[: 2 if guided else 1]
+    model = gen.transformer
+    caches = [model.und_cache(p) for p in packs]  # the prompts' keys/values, the same at every step
     timesteps = scheduler.timesteps
+    step_cache = StepCache(req.step_cache, len(timesteps)) if req.step_cache else None
     bar = tqdm(total=len(timesteps), desc="denoising", unit="step", disable=not progress)
+    computed: dict[str, torch.Tensor] = {}
     for i, t in enumerate(timesteps):
-        inputs = {s.name: s.latents.to(dtype) for s in streams}
-        inputs["timestep"] = t.item()
-        v = velocities(gen, packs[0], inputs)
-        if guided:
-            v_uncond = velocities(gen, packs[1], inputs)
-            v = {k: v_uncond[k] + req.guidance * (v[k] - v_uncond[k]) for k in v}
+        if step_cache is None or step_cache.compute(i, streams[0].latents):
+            inputs = {s.name: s.latents.to(dtype) for s in streams}
+            # Conditional and unconditional passes run together (see Cosmos3Transformer.forward_gen).
+            outs = model.forward_gen(
+                packs, caches, inputs["vision"][0], t.item(), inputs.get("sound"), inputs.get("action")
+            )
+            computed = as_velocities(*outs[0])
+            if guided:
+                uncond = as_velocities(*outs[1])
+                computed = {k: uncond[k] + req.guidance * (computed[k] - uncond[k]) for k in computed}
+        v = {k: x.clone() for k, x in computed.items()} if step_cache is not None else computed
         for s in streams:
             # Forward-dynamics actions are all given: the reference never steps their scheduler. An all-clean vision
             # stream (inverse dynamics) is still stepped with zero velocity, as the reference does.
@@ -109,4 +141,5 @@ def denoise(
         if on_step is not None:
             on_step(i + 1, len(timesteps))
     bar.close()
+    gen.last_computed_steps = step_cache.computed if step_cache is not None else len(timesteps)
     return {s.name: s.latents for s in streams}

@@ -10,7 +10,15 @@ import torch
 from torch import nn
 
 from cosmos3.config import TransformerConfig
-from cosmos3.model.layers import DomainLinear, MoTDecoderLayer, RMSNorm, TimestepEmbedder, apply_rope, rope_cos_sin
+from cosmos3.model.layers import (
+    DomainLinear,
+    MoTDecoderLayer,
+    RMSNorm,
+    TimestepEmbedder,
+    apply_rope,
+    attention,
+    rope_cos_sin,
+)
 from cosmos3.sequence import Packed
 
 
@@ -73,6 +81,13 @@ class Cosmos3Transformer(nn.Module):
             self.action_proj_in = DomainLinear(cfg.action_dim, cfg.hidden_size, cfg.num_embodiment_domains)
             self.action_proj_out = DomainLinear(cfg.hidden_size, cfg.action_dim, cfg.num_embodiment_domains)
             self.action_modality_embed = nn.Parameter(torch.zeros(cfg.hidden_size))
+
+    compiled_gen_layer = None  # set by `compile_generation_layers`
+
+    def compile_generation_layers(self) -> None:
+        """torch.compile the generation layer (fuses norms, rotary and residual adds); opt-in, as each new
+        request shape compiles again (tens of seconds)."""
+        self.compiled_gen_layer = torch.compile(type(self).gen_layer, dynamic=False)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -138,6 +153,90 @@ class Cosmos3Transformer(nn.Module):
             und, gen = layer(und, gen, rope_und, rope_gen)
         gen = self.norm_moe_gen(gen)
         return self.decode_generation_tokens(packed, gen)
+
+    # ------------------------------------------------------------------ denoising fast path
+    def und_cache(self, packed: Packed) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per layer, the understanding keys (as generation queries see them, rotated) and values of a prompt.
+
+        The understanding tokens never attend to generation tokens, so these are the same at every denoising
+        step: computed once per request and prompt instead of once per step."""
+        cfg = self.config
+        n = packed.und_len
+        cos, sin = rope_cos_sin(packed.position_ids[:, :n], cfg.head_dim, cfg.rope_theta, cfg.rope_axes_dim, self.dtype)
+        x = self.embed_tokens(packed.input_ids)
+        cache = []
+        for i, layer in enumerate(self.layers):
+            attn = layer.self_attn
+            q, k, v = attn.und_qkv(layer.input_layernorm(x))
+            k_for_gen = attn.k_norm_und_for_gen(k) if attn.k_norm_und_for_gen is not None else k
+            cache.append((apply_rope(k_for_gen, cos, sin), v))
+            if i == len(self.layers) - 1:
+                break  # the last layer's understanding output is never used by generation
+            out = attention(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, causal=True)
+            x = x + attn.to_out(out)
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        return cache
+
+    def forward_gen(
+        self,
+        packs: list[Packed],
+        caches: list[list[tuple[torch.Tensor, torch.Tensor]]],
+        vision: torch.Tensor,
+        timestep: float | torch.Tensor,
+        sound: torch.Tensor | None = None,
+        action: torch.Tensor | None = None,
+        rows_per_chunk: int = 32768,
+    ) -> list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]]:
+        """One denoising pass for several prompts (CFG branches) sharing the same noisy tokens, batched.
+
+        Same arithmetic as `forward` for each branch, but the understanding pathway comes from `und_cache`, and
+        the generation projections and MLPs run once over every branch's rows (`rows_per_chunk` bounds the MLP's
+        activation memory). Attention runs per branch: the branches attend to prompts of different lengths.
+        """
+        cfg = self.config
+        gen = self.embed_generation_tokens(packs[0], vision, self.time_embedding(timestep), sound, action)
+        branches, tokens = len(packs), gen.shape[0]
+        x = gen.expand(branches, -1, -1).reshape(branches * tokens, -1)
+        tables = [
+            rope_cos_sin(p.position_ids[:, p.und_len :], cfg.head_dim, cfg.rope_theta, cfg.rope_axes_dim, self.dtype)
+            for p in packs
+        ]
+        cos = torch.cat([t[0] for t in tables])
+        sin = torch.cat([t[1] for t in tables])
+        gen_layer = self.compiled_gen_layer or self.gen_layer
+        for i, layer in enumerate(self.layers):
+            x = gen_layer(layer, x, cos, sin, [c[i] for c in caches], rows_per_chunk)
+        x = self.norm_moe_gen(x)
+        return [self.decode_generation_tokens(p, x[b * tokens : (b + 1) * tokens]) for b, p in enumerate(packs)]
+
+    @staticmethod
+    def gen_layer(
+        layer: MoTDecoderLayer,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        und_kv: list[tuple[torch.Tensor, torch.Tensor]],
+        rows_per_chunk: int,
+    ) -> torch.Tensor:
+        """One decoder layer on the generation rows of every branch (`x` = branches stacked along rows)."""
+        attn = layer.self_attn
+        tokens = x.shape[0] // len(und_kv)
+        h = layer.input_layernorm_moe_gen(x)
+        q = apply_rope(attn.norm_added_q(attn.add_q_proj(h).unflatten(-1, (attn.num_heads, attn.head_dim))), cos, sin)
+        k = apply_rope(
+            attn.norm_added_k(attn.add_k_proj(h).unflatten(-1, (attn.num_kv_heads, attn.head_dim))), cos, sin
+        )
+        v = attn.add_v_proj(h).unflatten(-1, (attn.num_kv_heads, attn.head_dim))
+        outs = []
+        for b, (k_und, v_und) in enumerate(und_kv):
+            rows = slice(b * tokens, (b + 1) * tokens)
+            outs.append(attention(q[rows], torch.cat([k_und, k[rows]]), torch.cat([v_und, v[rows]]), causal=False))
+        x = x + attn.to_add_out(torch.cat(outs))
+
+        def mlp(rows: torch.Tensor) -> torch.Tensor:
+            return rows + layer.mlp_moe_gen(layer.post_attention_layernorm_moe_gen(rows))
+
+        return mlp(x) if x.shape[0] <= rows_per_chunk else torch.cat([mlp(c) for c in x.split(rows_per_chunk)])
 
     def causal_forward(
         self,
