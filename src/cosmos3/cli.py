@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,18 @@ def _int_list(text: str) -> list[int]:
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="tiny", help="'tiny', a checkpoint folder, or a cached hub id")
+    p.add_argument(
+        "--no-guardrails",
+        dest="guardrails",
+        action="store_false",
+        default=None,
+        help="load no safety checker (default: the checkpoint's setting, on for released checkpoints)",
+    )
+    p.add_argument(
+        "--guardrail",
+        help="a custom safety checker, MODULE:NAME (a class or an object with "
+        "check_text(prompt) -> bool and check_video(frames) -> frames | None)",
+    )
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     p.add_argument("--dtype", default=None, help="float32 or bfloat16 (default: bfloat16 on GPU, float32 on CPU)")
 
@@ -75,6 +88,23 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--stream", action="store_true", help="print the reply as it is decoded")
     r.add_argument("--reasoning", action="store_true", help="ask for explicit reasoning and print it apart")
+    u = sub.add_parser("upsample", help="short prompts -> structured JSON prompts (an OpenAI endpoint or --self)")
+    u.add_argument("--input", required=True, help="text file, one prompt per non-empty line")
+    u.add_argument("--output", required=True, help="a .json file (array) or .jsonl (one object per line)")
+    u.add_argument("--mode", required=True, choices=("text2image", "text2video", "image2video"))
+    u.add_argument("--image-url", help="image2video: the first frame (URL or path) for every prompt")
+    u.add_argument("--image-list", help="image2video: a file with one image URL or path per prompt")
+    u.add_argument("--endpoint-url", default=os.environ.get("PROMPT_UPSAMPLER_ENDPOINT_URL"))
+    u.add_argument("--model", default=os.environ.get("PROMPT_UPSAMPLER_MODEL"), help="the endpoint's model name")
+    u.add_argument("--api-token", default=os.environ.get("PROMPT_UPSAMPLER_API_TOKEN"))
+    u.add_argument("--self", dest="use_self", action="store_true", help="use --checkpoint's own Reasoner")
+    u.add_argument("--checkpoint", default="tiny", help="for --self, and its tokenizer counts prompt tokens")
+    u.add_argument("--device", default=None)
+    u.add_argument("--dtype", default=None)
+    u.add_argument("--resolution", default="720", help="tier written into the prompt: 256, 480, 720")
+    u.add_argument("--aspect-ratio", default="16,9")
+    u.add_argument("--max-tokens", type=int, help="reply budget (default 20000, the documents' setting)")
+
     s = sub.add_parser("serve", help="HTTP server: OpenAI / vLLM-Omni routes and the hosted /predict")
     add_model_args(s)
     s.add_argument("--host", default="127.0.0.1")
@@ -156,6 +186,22 @@ def requests_from_args(args: argparse.Namespace) -> list[tuple[GenerateRequest, 
     return out
 
 
+def _guardrails(args: argparse.Namespace):
+    """--guardrail MODULE:NAME (custom checker), --no-guardrails (False) or the checkpoint's default (None)."""
+    if not getattr(args, "guardrail", None):
+        return args.guardrails
+    import importlib
+
+    module, _, name = args.guardrail.partition(":")
+    try:
+        obj = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError) as exc:
+        raise RequestError(
+            "guardrail", args.guardrail, "MODULE:NAME of an importable checker", f"failed ({exc})"
+        ) from exc
+    return obj() if isinstance(obj, type) else obj
+
+
 def _device_dtype(args) -> tuple[str, str]:
     import torch
 
@@ -171,7 +217,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     defaults = TINY_DEFAULTS if args.model == "tiny" else {}
     for req, _ in jobs:
         req.resolved(defaults)  # fail fast, before the model loads
-    engine = load(args.model, *_device_dtype(args))
+    engine = load(args.model, *_device_dtype(args), guardrails=_guardrails(args))
     for req, output in jobs:
         result = engine.generate(req)
         for path in result.save(output):
@@ -213,6 +259,69 @@ def cmd_reason(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_upsample(args: argparse.Namespace) -> int:
+    from cosmos3.engine import load
+    from cosmos3.upsample import (
+        CONDITIONING_TOKEN_LIMIT,
+        Upsampler,
+        as_image_url,
+        count_tokens,
+        endpoint_completer,
+        self_completer,
+    )
+
+    try:
+        prompts = [line.strip() for line in Path(args.input).read_text().splitlines() if line.strip()]
+    except OSError as exc:
+        raise RequestError("input", args.input, "a readable text file", f"cannot be read ({exc})") from exc
+    images: list[str | None] = [args.image_url] * len(prompts)
+    if args.image_list:
+        images = [line.strip() for line in Path(args.image_list).read_text().splitlines() if line.strip()]
+        if len(images) != len(prompts):
+            raise RequestError("image_list", f"{len(images)} images", f"{len(prompts)} images, one per prompt")
+    if args.use_self:
+        engine = load(args.checkpoint, *_device_dtype(args), surfaces=["reasoner"])
+        complete, tokenizer = self_completer(engine, args.max_tokens), engine.reasoner.tokenizer
+    else:
+        if not args.endpoint_url or not args.model:
+            missing = "endpoint_url" if not args.endpoint_url else "model"
+            raise RequestError(
+                missing,
+                None,
+                "--endpoint-url and --model (or the PROMPT_UPSAMPLER_* variables), or --self",
+                "is missing",
+            )
+        complete = endpoint_completer(args.endpoint_url, args.model, args.api_token)
+        from transformers import AutoTokenizer
+
+        from cosmos3.engine import resolve_path
+
+        path = resolve_path(args.checkpoint)
+        tokenizer = AutoTokenizer.from_pretrained(
+            path / "text_tokenizer" if (path / "text_tokenizer").is_dir() else path
+        )
+    upsampler = Upsampler(args.mode, complete, resolution=str(args.resolution), aspect_ratio=args.aspect_ratio)
+    results = []
+    for i, (prompt, image) in enumerate(zip(prompts, images, strict=True)):
+        obj = upsampler.upsample(prompt, as_image_url(image) if image else None)
+        n = count_tokens(tokenizer, obj)
+        if n > CONDITIONING_TOKEN_LIMIT:
+            print(
+                f"prompt {i + 1}: {n} tokens, over the model's {CONDITIONING_TOKEN_LIMIT}-token conditioning "
+                "limit (written in full, not cut: shorten it or expect truncation downstream)",
+                file=sys.stderr,
+            )
+        results.append(obj)
+    out = Path(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.suffix == ".jsonl":
+        out.write_text("".join(json.dumps(r) + "\n" for r in results))
+    else:
+        out.write_text(json.dumps(results, indent=2))
+    print(f"wrote {out} ({len(results)} prompts)")
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -231,7 +340,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         retention_s=args.retention_hours * 3600,
         max_upload_bytes=args.max_upload_mb * 2**20,
     )
-    engine = load(args.model, *_device_dtype(args))
+    engine = load(args.model, *_device_dtype(args), guardrails=_guardrails(args))
     print(f"serving {args.model} on http://{args.host}:{args.port} (jobs: {settings.jobs_db})", flush=True)
     uvicorn.run(create_app(engine, settings), host=args.host, port=args.port)
     return 0
@@ -253,6 +362,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_reason(args)
         if args.command == "serve":
             return cmd_serve(args)
+        if args.command == "upsample":
+            return cmd_upsample(args)
     except RequestError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

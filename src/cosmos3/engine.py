@@ -14,6 +14,7 @@ import torch
 from cosmos3.checkpoint import GENERATOR_ONLY, CheckpointError, load_weights, read_tensors, weight_files
 from cosmos3.config import TransformerConfig
 from cosmos3.generator import GenerationResult, Generator
+from cosmos3.guardrails import CosmosGuardrail, Guardrail
 from cosmos3.model.transformer import Cosmos3Transformer
 from cosmos3.reasoner import Reasoner, Sampling
 from cosmos3.request import GenerateRequest, RequestError
@@ -165,6 +166,7 @@ class Engine:
         surfaces: tuple[str, ...] | list[str] = SURFACES,
         fp8: bool = False,
         compile: bool = False,
+        guardrails: bool | Guardrail | None = None,
     ):
         from transformers import AutoTokenizer
 
@@ -205,6 +207,7 @@ class Engine:
         self.generator: Generator | None = None
         if "generator" in self.surfaces:
             self.generator = self._load_generator(path, tokenizer)
+            self.generator.guardrail = self._load_guardrail(path, guardrails)
         self.reasoner: Reasoner | None = None
         if "reasoner" in self.surfaces:
             self.reasoner = self._load_reasoner(path, tokenizer, root_config)
@@ -233,6 +236,15 @@ class Engine:
             default_use_system_prompt=index.get("default_use_system_prompt", True),
             use_native_flow_schedule=index.get("use_native_flow_schedule", False),
         )
+
+    def _load_guardrail(self, path: Path, guardrails: bool | Guardrail | None) -> Guardrail | None:
+        """None follows the checkpoint (model_index.json `enable_safety_checker`, on when absent, as diffusers)."""
+        if isinstance(guardrails, Guardrail):
+            return guardrails
+        if guardrails is None:
+            index = json.loads((path / "model_index.json").read_text()) if (path / "model_index.json").is_file() else {}
+            guardrails = bool(index.get("enable_safety_checker", True))
+        return CosmosGuardrail(str(self.device)) if guardrails else None
 
     def _load_reasoner(self, path: Path, tokenizer, root_config: dict) -> Reasoner:
         vision = processor = None
@@ -321,15 +333,19 @@ def load(
     surfaces: tuple[str, ...] | list[str] | None = None,
     fp8: bool = False,
     compile: bool = False,
+    guardrails: bool | Guardrail | None = None,
 ) -> Engine:
     """Load `"tiny"`, a local checkpoint folder, or a cached hub id (e.g. `"nvidia/Cosmos3-Nano"`).
 
     `surfaces=["reasoner"]` skips the generation pathway, VAE and audio codec (about half the memory).
     Opt-in speed options (see benchmarks/README.md for their effect on speed and output): `fp8=True` runs the
-    generation pathway's matmuls in FP8 (Hopper), `compile=True` torch.compiles the generation layer."""
+    generation pathway's matmuls in FP8 (Hopper), `compile=True` torch.compiles the generation layer.
+    `guardrails`: None follows the checkpoint (on for released ones: the `cosmos_guardrail` package must be
+    installed, or loading fails saying how to get it), False turns them off, or pass your own checker object
+    with `check_text(prompt) -> bool` and `check_video(frames) -> frames | None`."""
     if isinstance(dtype, str) and dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r} is not supported; allowed: {', '.join(DTYPES)}")
     path = resolve_path(model)
     if surfaces is None:  # everything the folder holds
         surfaces = SURFACES if (path / "transformer" / "config.json").is_file() else ("reasoner",)
-    return Engine(path, device=device, dtype=dtype, surfaces=surfaces, fp8=fp8, compile=compile)
+    return Engine(path, device=device, dtype=dtype, surfaces=surfaces, fp8=fp8, compile=compile, guardrails=guardrails)

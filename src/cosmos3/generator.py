@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from cosmos3 import conditioning, media, text
+from cosmos3.guardrails import check_output, check_prompt
 from cosmos3.request import EMBODIMENTS, GenerateRequest, RequestError
 from cosmos3.sampler import Stream, denoise
 from cosmos3.sequence import pack
@@ -65,6 +66,7 @@ class Generator:
         sound_tokenizer=None,
         default_use_system_prompt: bool = True,
         use_native_flow_schedule: bool = False,
+        guardrail=None,
     ):
         self.transformer = transformer
         self.vae = vae
@@ -73,6 +75,7 @@ class Generator:
         self.sound_tokenizer = sound_tokenizer
         self.default_use_system_prompt = default_use_system_prompt
         self.use_native_flow_schedule = use_native_flow_schedule
+        self.guardrail = guardrail  # cosmos3.guardrails.Guardrail or None
         self.last_computed_steps = 0  # model evaluations of the last request (fewer than steps with step_cache)
         self.spatial = int(vae.config.scale_factor_spatial)
         self.temporal = int(vae.config.scale_factor_temporal)
@@ -134,11 +137,17 @@ class Generator:
     ) -> GenerationResult:
         """Run one resolved request (see `GenerateRequest.resolved`)."""
         self.check_supported(req)
+        guardrail = self.guardrail if req.enable_safety_check else None
+        check_prompt(guardrail, req.prompt)
         if req.is_action:
             from cosmos3.actions import generate_action
 
-            return generate_action(self, req, progress=progress, on_step=on_step)
-        return self.generate_vision(req, progress=progress, on_step=on_step)
+            result = generate_action(self, req, progress=progress, on_step=on_step)
+        else:
+            result = self.generate_vision(req, progress=progress, on_step=on_step)
+        result.video = check_output(guardrail, result.video)  # sound and actions are not checked, as documented
+        result.metadata["guardrails"] = guardrail is not None
+        return result
 
     def prompt_ids(self, req: GenerateRequest, height: int, width: int) -> tuple[list[int], list[int]]:
         use_system = self.default_use_system_prompt if req.use_system_prompt is None else req.use_system_prompt

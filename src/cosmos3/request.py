@@ -104,6 +104,7 @@ class GenerateRequest:
     action_stats: Any = None  # per-channel normalisation statistics (dict or JSON file) for raw actions
     view_point: str | None = "ego_view"
     chunks: int = 1  # chained chunks for long policy / forward_dynamics rollouts
+    enable_safety_check: bool = True  # run the engine's guardrail (if it has one) on the prompt and the output
     step_cache: float | None = None  # opt-in: reuse velocities while the input changes less than this (e.g. 0.1)
     name: str | None = None  # names the output in spec files and jobs
 
@@ -120,6 +121,7 @@ class GenerateRequest:
             "guidance_scale": "guidance",
             "flow_shift": "shift",
             "image_size": "resolution",
+            "guardrails": "enable_safety_check",
         }
         for alias, name in aliases.items():
             if alias in raw:
@@ -172,7 +174,7 @@ class GenerateRequest:
         _check_int("seed", r.seed, 0, 2**63 - 1)
         if r.step_cache is not None:
             _check_number("step_cache", r.step_cache, 1e-6, 10.0)
-        for name in ("enable_sound", "use_resolution_template", "use_duration_template"):
+        for name in ("enable_sound", "use_resolution_template", "use_duration_template", "enable_safety_check"):
             if not isinstance(getattr(r, name), bool):
                 raise RequestError(name, getattr(r, name), "true or false")
         if r.use_system_prompt is not None and not isinstance(r.use_system_prompt, bool):

@@ -94,6 +94,19 @@ def apply_extra(fields: dict[str, Any], extra: dict[str, Any], folder, settings:
         fields["action"] = str(fetch(extra["action_path"], folder, "extra_params.action_path", settings)[0])
     if extra.get("guardrails") not in (None, False, True):
         raise APIError(400, "extra_params.guardrails must be true or false", "extra_params.guardrails")
+    if extra.get("guardrails") is not None:
+        fields["enable_safety_check"] = extra["guardrails"]
+
+
+def check_guardrails_request(engine, extra: dict[str, Any]) -> None:
+    """`guardrails: true` cannot turn checks on for a server started without them: say so instead of ignoring it."""
+    if extra.get("guardrails") is True and (engine.generator is None or engine.generator.guardrail is None):
+        raise APIError(
+            400,
+            "extra_params.guardrails=true, but this server runs without guardrails "
+            "(--no-guardrails or a checkpoint without a safety checker)",
+            "extra_params.guardrails",
+        )
 
 
 def check_prompt_length(engine, prompt: str, limit: Any) -> None:
@@ -180,6 +193,7 @@ async def images_generations(body: ImageGenerationRequest, request: Request):
     steps, guidance, shift = VLLM_DEFAULTS["text2image"]
     width, height = (int(v) for v in (body.size or "1024x1024").split("x"))
     extra = parse_extra(body.extra_params, body.extra_args)
+    check_guardrails_request(request.app.state.engine, extra)
     check_prompt_length(request.app.state.engine, body.prompt, extra.get("max_sequence_length"))
     seed = body.seed if body.seed is not None else int.from_bytes(uuid.uuid4().bytes[:4], "big")
     jobs = []
@@ -286,6 +300,7 @@ async def video_job(
         )
     check_model(model, settings)
     extra = parse_extra(extra_params, extra_args)
+    check_guardrails_request(engine, extra)
     check_prompt_length(engine, prompt, max_sequence_length or extra.get("max_sequence_length"))
     job_id = f"video_gen_{uuid.uuid4().hex}"
     folder = worker.job_dir(job_id) / "inputs"
