@@ -166,6 +166,19 @@ def test_logits_and_greedy_tokens_match(pair, case):
     assert len(ours_tokens) == 20 or ref_tokens[len(ours_tokens)] == engine.reasoner.tokenizer.eos_token_id
 
 
+def test_video_sampling_by_fps_or_frame_count(pair):
+    _, engine = pair
+    messages = materialize(CASES["video"][0], [], [])
+    by_count = engine.reasoner.encode(messages, video_num_frames=4)
+    by_fps = engine.reasoner.encode(messages, video_fps=1.0)  # 12 frames at 6 fps = 2 s -> the minimum of 4 frames
+    default = engine.reasoner.encode(messages)  # 2 fps -> 4 frames
+    assert len(by_count.input_ids) == len(by_fps.input_ids) == len(default.input_ids)
+    more = engine.reasoner.encode(messages, video_num_frames=8)
+    assert len(more.input_ids) > len(by_count.input_ids)  # 4 temporal patches instead of 2
+    with pytest.raises(cosmos3.RequestError, match="either fps or num_frames"):
+        engine.reasoner.encode(messages, video_fps=2.0, video_num_frames=4)
+
+
 def test_batch_matches_single(pair):
     _, engine = pair
     conversations = [materialize(CASES[c][0], [], []) for c in ("text", "image", "video")]

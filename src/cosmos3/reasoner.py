@@ -298,8 +298,8 @@ class Reasoner:
             kwargs["cap_pixels_per_frame"] = False  # the reference's current behaviour, stated to silence its warning
             if video_fps is not None:
                 kwargs["fps"] = video_fps
-            if video_num_frames is not None:
-                kwargs["num_frames"] = video_num_frames
+            if video_num_frames is not None:  # fps=None: the processor's default fps would conflict with it
+                kwargs.update(num_frames=video_num_frames, fps=None)
         try:
             batch = self.processor(text=[text], **kwargs)
         except RequestError:
