@@ -133,3 +133,29 @@ def test_action_stats_round_trip(pair, tmp_path):
     scaled = engine.generate(**fields, action_stats=stats)
     np.testing.assert_allclose(scaled.action, plain.action * np.array([2.0, 4.0]) + np.array([0.5, -1.0]), rtol=1e-6)
     assert scaled.metadata["action"]["action_space"].startswith("raw")
+
+
+def test_actions_far_outside_the_normalised_range_warn_naming_channels(pair, caplog):
+    _, engine = pair
+    fields = dict(
+        mode="forward_dynamics",
+        prompt="push",
+        domain_name="pusht",
+        action_chunk_size=4,
+        resolution="256",
+        image=gradient_image(64, 64, 3),
+        num_steps=1,
+        guidance=1.0,
+        progress=False,
+    )
+    with caplog.at_level("WARNING", logger="cosmos3.actions"):
+        engine.generate(**fields, action=[[0.3, 40.0]] * 4)  # channel 1 is 40x the normalised scale
+    assert "action channels [1]" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="cosmos3.actions"):
+        engine.generate(**fields, action=[[0.005, -0.004]] * 4)  # 55x too small, the reported user mistake
+    assert "far too small" in caplog.text and "[0, 1]" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="cosmos3.actions"):
+        engine.generate(**fields, action=[[0.5, -0.8]] * 4)
+    assert "action channels" not in caplog.text and "far too small" not in caplog.text
