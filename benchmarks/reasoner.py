@@ -19,7 +19,7 @@ from cosmos3.checkpoint import GENERATOR_ONLY
 from cosmos3.config import preset
 from cosmos3.model.transformer import Cosmos3Transformer
 from cosmos3.reasoner import Reasoner, Sampling
-from cosmos3.tiny import build_tokenizer, tiny_vision_config
+from cosmos3.tiny import build_tokenizer, tiny_vision_config, vision_token_ids
 
 
 def build(device: str, name: str = "nano"):
@@ -33,15 +33,7 @@ def build(device: str, name: str = "nano"):
 
     cfg = preset(name)
     tokenizer = build_tokenizer()
-    ids = {
-        k: tokenizer.convert_tokens_to_ids(t)
-        for k, t in (
-            ("image_token_id", "<|image_pad|>"),
-            ("video_token_id", "<|video_pad|>"),
-            ("vision_start_token_id", "<|vision_start|>"),
-            ("vision_end_token_id", "<|vision_end|>"),
-        )
-    }
+    ids = vision_token_ids(tokenizer)
     config = Cosmos3OmniConfig(
         text_config=dict(
             vocab_size=cfg.vocab_size,

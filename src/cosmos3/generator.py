@@ -15,7 +15,7 @@ import torch
 
 from cosmos3 import conditioning, media, text
 from cosmos3.guardrails import check_output, check_prompt
-from cosmos3.request import EMBODIMENTS, GenerateRequest, RequestError
+from cosmos3.request import GenerateRequest, RequestError
 from cosmos3.sampler import Stream, denoise
 from cosmos3.sequence import pack
 
@@ -255,7 +255,3 @@ class Generator:
         dtype = next(self.sound_tokenizer.parameters()).dtype
         wave = self.sound_tokenizer.decode(latent[None].to(dtype))[0]
         return wave.float().cpu().numpy()
-
-
-def domain_of(req: GenerateRequest) -> tuple[int, int]:
-    return EMBODIMENTS[req.domain_name]

@@ -206,25 +206,27 @@ def tiny_vision_config(hidden_size: int) -> dict:
     }
 
 
+def vision_token_ids(tokenizer) -> dict[str, int]:
+    """The config.json token-id fields of a transformers `cosmos3_omni` config, read from the tokenizer."""
+    names = {
+        "image_token_id": "<|image_pad|>",
+        "video_token_id": "<|video_pad|>",
+        "vision_start_token_id": "<|vision_start|>",
+        "vision_end_token_id": "<|vision_end|>",
+    }
+    return {key: tokenizer.convert_tokens_to_ids(token) for key, token in names.items()}
+
+
 def write_reasoner_config(folder: Path, cfg: TransformerConfig, tokenizer) -> dict:
     """Root config.json (transformers `cosmos3_omni`) and Qwen3-VL pre-processor configs with small pixel budgets."""
     from transformers import Qwen2VLImageProcessor
     from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
 
-    ids = {
-        name: tokenizer.convert_tokens_to_ids(tok)
-        for name, tok in (
-            ("image_token_id", "<|image_pad|>"),
-            ("video_token_id", "<|video_pad|>"),
-            ("vision_start_token_id", "<|vision_start|>"),
-            ("vision_end_token_id", "<|vision_end|>"),
-        )
-    }
     config = {
         "architectures": ["Cosmos3OmniForConditionalGeneration"],
         "model_type": "cosmos3_omni",
         "tie_word_embeddings": False,
-        **ids,
+        **vision_token_ids(tokenizer),
         "text_config": {
             "model_type": "qwen3_vl_text",
             "vocab_size": cfg.vocab_size,

@@ -7,13 +7,12 @@ import uuid
 from typing import Any, Literal
 
 from fastapi import APIRouter, Request
-from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, ConfigDict, Field
 
 from cosmos3.request import ACTION_MODES
-from cosmos3.server.app import APIError, check_limits
+from cosmos3.server.app import check_limits
 from cosmos3.server.inputs import fetch
-from cosmos3.server.openai import failed_response, settings_of
+from cosmos3.server.openai import finished, settings_of
 
 router = APIRouter()
 
@@ -101,12 +100,7 @@ async def predict(body: PredictRequest, request: Request) -> dict[str, Any]:
     check_limits(resolved, settings)
     name = body.name or f"sample_{uuid.uuid4().hex[:8]}"
     job = worker.submit("predict", resolved.__dict__, {"prompt": body.prompt, "mode": mode, "name": name}, job_id)
-    done = await run_in_threadpool(worker.wait, job.id, settings.sync_timeout_s)
-    if done is None:
-        worker.cancel(job.id)
-        raise APIError(504, f"generation did not finish within {settings.sync_timeout_s:.0f} s")
-    if done.status != "completed":
-        raise failed_response(done)
+    done = await finished(request, job)
     vision = done.outputs[0]
     with open(vision, "rb") as f:
         data = base64.b64encode(f.read()).decode()

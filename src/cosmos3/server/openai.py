@@ -165,6 +165,18 @@ def failed_response(job: Job) -> APIError:
     return APIError(error.get("code", 500), error.get("message", "generation failed"), error.get("param"))
 
 
+async def finished(request: Request, job: Job) -> Job:
+    """Wait for a synchronous route's job; a timeout cancels it (504), a failure becomes its error response."""
+    settings, worker = settings_of(request), request.app.state.worker
+    done = await run_in_threadpool(worker.wait, job.id, settings.sync_timeout_s)
+    if done is None:
+        worker.cancel(job.id)
+        raise APIError(504, f"generation did not finish within {settings.sync_timeout_s:.0f} s")
+    if done.status != "completed":
+        raise failed_response(done)
+    return done
+
+
 # ---------------------------------------------------------------------------------------------------- images
 class ImageGenerationRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -225,12 +237,7 @@ async def images_generations(body: ImageGenerationRequest, request: Request):
         jobs.append(worker.submit("images", request_fields, {"prompt": body.prompt, "image_format": ext}, job_id))
     data = []
     for job in jobs:
-        done = await run_in_threadpool(worker.wait, job.id, settings.sync_timeout_s)
-        if done is None:
-            raise APIError(504, "image generation timed out")
-        if done.status != "completed":
-            raise failed_response(done)
-        path = done.outputs[0]
+        path = (await finished(request, job)).outputs[0]
         if body.response_format == "file":
             return FileResponse(path, media_type=f"image/{body.output_format}")
         with open(path, "rb") as f:
@@ -424,13 +431,8 @@ async def create_video(request: Request, job: Job = Depends(video_job)):
 )
 async def create_video_sync(request: Request, job: Job = Depends(video_job)):
     """Generate and return the MP4 in the response (actions are only in the async job object)."""
-    settings, worker = settings_of(request), request.app.state.worker
-    done = await run_in_threadpool(worker.wait, job.id, settings.sync_timeout_s)
-    if done is None:
-        worker.cancel(job.id)
-        raise APIError(504, f"generation did not finish within {settings.sync_timeout_s:.0f} s")
-    if done.status != "completed":
-        raise failed_response(done)
+    settings = settings_of(request)
+    done = await finished(request, job)
     with open(done.outputs[0], "rb") as f:
         data = f.read()
     return Response(
