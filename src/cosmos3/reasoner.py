@@ -126,6 +126,32 @@ def decode_video(data: bytes, field: str) -> tuple[np.ndarray, float | None]:
     return np.stack(frames), fps
 
 
+class DecodeStep:
+    """Runs a static-shape decode step eagerly, or on a GPU captures it once in a CUDA graph and replays it: a
+    token then costs one launch instead of a few hundred (decoding is bound by launch overhead otherwise)."""
+
+    def __init__(self, step, device: torch.device):
+        self.step = step
+        self.use_graph = device.type == "cuda"
+        self.graph = None
+        self.output: torch.Tensor | None = None
+
+    def __call__(self) -> torch.Tensor:
+        if not self.use_graph:
+            return self.step()
+        if self.graph is None:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # warm-up off the capture stream, as CUDA graph capture requires
+                self.step()
+            torch.cuda.current_stream().wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.output = self.step()
+        self.graph.replay()
+        return self.output.clone()
+
+
 @dataclass
 class Reply:
     text: str
@@ -417,6 +443,15 @@ class Reasoner:
         hidden = tf.causal_forward(embeds, cos, sin, cache, attn_mask=mask, deepstack=deepstack)
         logits = tf.lm_head(hidden[:, -1]).float()
 
+        # Decoding: one static-shape step (see Cosmos3Transformer.decode_step), replayed as a CUDA graph on a GPU.
+        total = width + params.max_tokens
+        slots = torch.zeros(batch, total, dtype=torch.bool, device=self.device)
+        slots[:, :width] = valid
+        step_tokens = torch.zeros(batch, dtype=torch.long, device=self.device)
+        step_positions = torch.zeros(3, batch, 1, dtype=torch.long, device=self.device)
+        write_at = torch.zeros(1, dtype=torch.long, device=self.device)
+        decode = DecodeStep(lambda: tf.decode_step(step_tokens, step_positions, cache, write_at, slots), self.device)
+
         generator = torch.Generator(device=self.device).manual_seed(params.seed)
         seen = [p.input_ids.tolist() for p in prompts]
         generated: list[list[int]] = [[] for _ in prompts]
@@ -440,15 +475,11 @@ class Reasoner:
             yield out
             if all(done) or step == params.max_tokens - 1:
                 return
-            step_embeds = tf.embed_tokens(tokens)[:, None]
-            pos = (next_pos + step).view(1, batch, 1).expand(3, -1, -1)
-            cos, sin = self._rope(pos)
-            step_mask = None
-            if padded:
-                valid = torch.cat([valid, torch.ones(batch, 1, dtype=torch.bool, device=self.device)], dim=1)
-                step_mask = valid[:, None, None, :]
-            hidden = tf.causal_forward(step_embeds, cos, sin, cache, attn_mask=step_mask)
-            logits = tf.lm_head(hidden[:, -1]).float()
+            step_tokens.copy_(tokens)
+            step_positions.copy_((next_pos + step).view(1, batch, 1).expand(3, -1, -1))
+            write_at.fill_(width + step)
+            slots[:, width + step] = True
+            logits = decode()
 
     @staticmethod
     def sample(logits: torch.Tensor, params: Sampling, seen: list[list[int]], generated: list[list[int]], generator):

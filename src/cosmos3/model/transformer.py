@@ -238,6 +238,40 @@ class Cosmos3Transformer(nn.Module):
 
         return mlp(x) if x.shape[0] <= rows_per_chunk else torch.cat([mlp(c) for c in x.split(rows_per_chunk)])
 
+    def decode_step(
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor,
+        cache: KVCache,
+        write_at: torch.Tensor,
+        slots: torch.Tensor,
+    ) -> torch.Tensor:
+        """One new token per row with static shapes, so that a CUDA graph can capture it (Reasoner decoding).
+
+        tokens `[B]`, positions `[3, B, 1]`, write_at `[1]` (the cache slot of this token), slots `[B, max_len]`
+        (True where the cache holds a token to attend to, this one included). Returns fp32 logits `[B, vocab]`.
+        """
+        cfg = self.config
+        x = self.embed_tokens(tokens)[:, None]
+        cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, cfg.rope_axes_dim, self.dtype)
+        mask = slots[:, None, None, :]
+        for i, layer in enumerate(self.layers):
+            attn = layer.self_attn
+            q, k, v = attn.und_qkv(layer.input_layernorm(x))
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            cache.k[i].index_copy_(1, write_at, k)
+            cache.v[i].index_copy_(1, write_at, v)
+            out = torch.nn.functional.scaled_dot_product_attention(
+                q.transpose(1, 2),
+                cache.k[i].transpose(1, 2),
+                cache.v[i].transpose(1, 2),
+                attn_mask=mask,
+                enable_gqa=True,
+            )
+            x = x + attn.to_out(out.transpose(1, 2).flatten(2))
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        return self.lm_head(self.norm(x)[:, -1]).float()
+
     def causal_forward(
         self,
         x: torch.Tensor,
