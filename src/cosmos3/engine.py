@@ -167,6 +167,7 @@ class Engine:
         fp8: bool = False,
         compile: bool = False,
         guardrails: bool | Guardrail | None = None,
+        vae_tiling: bool = False,
     ):
         from transformers import AutoTokenizer
 
@@ -208,6 +209,8 @@ class Engine:
         if "generator" in self.surfaces:
             self.generator = self._load_generator(path, tokenizer)
             self.generator.guardrail = self._load_guardrail(path, guardrails)
+            if vae_tiling:  # opt-in: decodes in overlapping tiles, for memory (see benchmarks/README.md)
+                self.generator.vae.enable_tiling()
         self.reasoner: Reasoner | None = None
         if "reasoner" in self.surfaces:
             self.reasoner = self._load_reasoner(path, tokenizer, root_config)
@@ -334,12 +337,14 @@ def load(
     fp8: bool = False,
     compile: bool = False,
     guardrails: bool | Guardrail | None = None,
+    vae_tiling: bool = False,
 ) -> Engine:
     """Load `"tiny"`, a local checkpoint folder, or a cached hub id (e.g. `"nvidia/Cosmos3-Nano"`).
 
     `surfaces=["reasoner"]` skips the generation pathway, VAE and audio codec (about half the memory).
     Opt-in speed options (see benchmarks/README.md for their effect on speed and output): `fp8=True` runs the
-    generation pathway's matmuls in FP8 (Hopper), `compile=True` torch.compiles the generation layer.
+    generation pathway's matmuls in FP8 (Hopper), `compile=True` torch.compiles the generation layer,
+    `vae_tiling=True` decodes the video in tiles to bound memory.
     `guardrails`: None follows the checkpoint (on for released ones: the `cosmos_guardrail` package must be
     installed, or loading fails saying how to get it), False turns them off, or pass your own checker object
     with `check_text(prompt) -> bool` and `check_video(frames) -> frames | None`."""
@@ -348,4 +353,13 @@ def load(
     path = resolve_path(model)
     if surfaces is None:  # everything the folder holds
         surfaces = SURFACES if (path / "transformer" / "config.json").is_file() else ("reasoner",)
-    return Engine(path, device=device, dtype=dtype, surfaces=surfaces, fp8=fp8, compile=compile, guardrails=guardrails)
+    return Engine(
+        path,
+        device=device,
+        dtype=dtype,
+        surfaces=surfaces,
+        fp8=fp8,
+        compile=compile,
+        guardrails=guardrails,
+        vae_tiling=vae_tiling,
+    )

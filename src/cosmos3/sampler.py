@@ -119,7 +119,12 @@ def denoise(
             inputs = {s.name: s.latents.to(dtype) for s in streams}
             # Conditional and unconditional passes run together (see Cosmos3Transformer.forward_gen).
             outs = model.forward_gen(
-                packs, caches, inputs["vision"][0], t.item(), inputs.get("sound"), inputs.get("action")
+                packs,
+                caches,
+                inputs["vision"][0],
+                t,
+                inputs.get("sound"),
+                inputs.get("action"),  # t stays on device
             )
             computed = as_velocities(*outs[0])
             if guided:
