@@ -127,3 +127,36 @@ def test_loads_model_prefixed_and_transformers_names(tmp_path):
     ours = load_ours(tmp_path)
     for name, p in ours.named_parameters():
         torch.testing.assert_close(p, weights[name], atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("rows_per_chunk", [32768, 64, 8])  # both branches in one pass; one at a time; MLP chunks
+def test_fast_path_matches_reference_per_branch(models, rows_per_chunk):
+    """forward_gen (cached prompt keys/values, CFG branches together) equals the reference's separate passes."""
+    ref, ours = models
+    cfg = ours.config
+    gen = torch.Generator().manual_seed(2)
+    shape = (3, 5, 6)
+    packs = [
+        pack(
+            cfg,
+            torch.randint(0, cfg.vocab_size, (n,), generator=gen).tolist(),
+            shape,
+            [0],
+            fps=24.0,
+            vae_temporal_compression=4,
+            sound_len=7,
+            action_len=16,
+            action_domain=7,
+        )
+        for n in (13, 6)
+    ]
+    vision = torch.randn(cfg.latent_channel, *shape, generator=gen)
+    sound = torch.randn(cfg.sound_dim, 7, generator=gen)
+    action = torch.randn(16, cfg.action_dim, generator=gen)
+    with torch.no_grad():
+        caches = [ours.und_cache(p) for p in packs]
+        got = ours.forward_gen(packs, caches, vision, 611, sound, action, rows_per_chunk=rows_per_chunk)
+        for p, branch in zip(packs, got, strict=True):
+            expected = reference_forward(ref, p, vision, 611, sound, action)
+            for e, g in zip(expected, branch, strict=True):
+                torch.testing.assert_close(g, e, atol=1e-5, rtol=0)

@@ -194,8 +194,17 @@ class Cosmos3Transformer(nn.Module):
         activation memory). Attention runs per branch: the branches attend to prompts of different lengths.
         """
         cfg = self.config
+        branches = len(packs)
+        if branches > 1 and branches * (packs[0].seq_len - packs[0].und_len) > rows_per_chunk:
+            # Large requests: the GEMMs are already big enough, so one branch at a time keeps peak memory at a
+            # single pass's (the reference's) instead of growing with the branches.
+            return [
+                out
+                for p, c in zip(packs, caches, strict=True)
+                for out in self.forward_gen([p], [c], vision, timestep, sound, action, rows_per_chunk)
+            ]
         gen = self.embed_generation_tokens(packs[0], vision, self.time_embedding(timestep), sound, action)
-        branches, tokens = len(packs), gen.shape[0]
+        tokens = gen.shape[0]
         x = gen.expand(branches, -1, -1).reshape(branches * tokens, -1)
         tables = [
             rope_cos_sin(p.position_ids[:, p.und_len :], cfg.head_dim, cfg.rope_theta, cfg.rope_axes_dim, self.dtype)
