@@ -119,6 +119,7 @@ def test_spec_file_list_with_relative_vision_path(tmp_path):
         (["--mode", "text2video", "--fps", "12"], "fps=12.0"),
         (["--mode", "text2video", "--num-frames", "400"], "num_frames=400"),
         (["--mode", "text2video", "--height", "100", "--width", "160"], "height=100"),
+        (["--mode", "text2video", "--height", "40", "--width", "64"], "height=40"),  # 8k but not 16k: the VAE's
         (["--mode", "image2video"], "image=None"),
         (["--mode", "text2video", "--resolution", "1080"], "resolution='1080'"),
         (["--mode", "policy", "--domain-name", "libero", "--image", "{png}"], "domain_name='libero'"),

@@ -120,6 +120,20 @@ CASES = {
     ),
     "t2v-tier-256-3x4": dict(mode="text2video", num_frames=5, resolution="256", aspect_ratio="3,4", num_steps=2),
     "i2v": dict(mode="image2video", num_frames=9, height=48, width=64, image=gradient_image(90, 40, 1)),
+    "i2v-torch-float-unit": dict(
+        mode="image2video",
+        num_frames=5,
+        height=48,
+        width=48,
+        image=torch.rand(3, 40, 70, generator=torch.Generator().manual_seed(3)),
+    ),
+    "i2v-numpy-float-signed": dict(
+        mode="image2video",
+        num_frames=5,
+        height=32,
+        width=64,
+        image=np.random.default_rng(4).uniform(-1, 1, (50, 30, 3)).astype(np.float32),
+    ),
     "i2v-portrait-sound": dict(
         mode="image2video", num_frames=5, height=64, width=32, enable_sound=True, image=gradient_image(50, 70, 2)
     ),
@@ -149,6 +163,22 @@ def test_mode_matches_reference(pair, case):
         **CASES[case],
     }
     assert_same(*run_both(pipe, engine, **fields))
+
+
+def test_diffusers_and_vllm_field_names_are_accepted(pair):
+    _, engine = pair
+    req = engine.request(
+        mode="text2video",
+        prompt="x",
+        add_resolution_template=False,
+        add_duration_template=False,
+        generate_sound=True,
+        num_inference_steps=3,
+        guidance_scale=2.0,
+        flow_shift=4.0,
+    )
+    assert (req.use_resolution_template, req.use_duration_template, req.enable_sound) == (False, False, True)
+    assert (req.num_steps, req.guidance, req.shift) == (3, 2.0, 4.0)
 
 
 def test_tiers_map_to_documented_sizes():

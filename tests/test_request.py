@@ -57,7 +57,7 @@ def test_engine_defaults_fill_unset_fields_only():
         ({"num_frames": 4}, "num_frames"),
         ({"mode": "text2image", "num_frames": 5}, "num_frames"),
         ({"height": 480}, "width"),
-        ({"height": 488, "width": 832}, "height"),
+        ({"height": 484, "width": 832}, "height"),
         ({"aspect_ratio": "21,9"}, "aspect_ratio"),
         ({"mode": "text2image", "enable_sound": True}, "enable_sound"),
         ({"mode": "text2video", "image": __file__}, "image"),

@@ -137,7 +137,7 @@ def generate_action(gen: Generator, req: GenerateRequest, progress: bool, on_ste
             actions = scaler.normalize(actions)
         warn_out_of_range(actions, scaler is not None)
     if req.image is not None:
-        frames = [media.load_image(req.image, "image")]
+        frames = [media.to_pil(media.load_image(req.image, "image"), "image")]
     else:
         frames = media.load_video(req.video, "video")[0]
 

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from cosmos3 import media
 from cosmos3.request import ACTION_TIERS
 
 # Action canvases per tier: aspect (H/W) -> (H, W). Inputs are downscaled (never upscaled) and padded into them.
@@ -48,9 +49,9 @@ def pil_to_unit(frames: list[Image.Image]) -> torch.Tensor:
     return (torch.from_numpy(arr).permute(3, 0, 1, 2)[None] * 2.0 - 1.0).contiguous()
 
 
-def image_cover_crop(image: Image.Image, height: int, width: int) -> torch.Tensor:
+def image_cover_crop(image: Image.Image | torch.Tensor, height: int, width: int) -> torch.Tensor:
     """Image-to-video conditioning: cover-resize (bilinear, antialiased, in 0..255) then centre-crop -> [1,3,H,W]."""
-    x = torch.from_numpy(np.array(image.convert("RGB"), copy=True)).permute(2, 0, 1)[None].float()
+    x = media.image_values(image, "image")[None]
     src_h, src_w = x.shape[-2:]
     scale = max(width / src_w, height / src_h)
     new_h, new_w = math.ceil(scale * src_h), math.ceil(scale * src_w)
@@ -60,7 +61,7 @@ def image_cover_crop(image: Image.Image, height: int, width: int) -> torch.Tenso
     return x.round().clamp(0, 255) / 127.5 - 1.0
 
 
-def image_to_video_pixels(image: Image.Image, num_frames: int, height: int, width: int) -> torch.Tensor:
+def image_to_video_pixels(image: Image.Image | torch.Tensor, num_frames: int, height: int, width: int) -> torch.Tensor:
     """The conditioning image repeated over every frame (only latent frame 0 is kept clean)."""
     frame = image_cover_crop(image, height, width)
     return frame[:, :, None].expand(-1, -1, num_frames, -1, -1).contiguous()

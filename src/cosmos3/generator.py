@@ -90,6 +90,10 @@ class Generator:
     # ------------------------------------------------------------------ capabilities
     def check_supported(self, req: GenerateRequest) -> None:
         cfg = self.transformer.config
+        for name in ("height", "width"):
+            value = getattr(req, name)
+            if value is not None and value % self.spatial:
+                raise RequestError(name, value, f"a multiple of {self.spatial} (this VAE's spatial factor)")
         if req.enable_sound and (self.sound_tokenizer is None or not cfg.sound_gen):
             missing = "a sound_tokenizer" if self.sound_tokenizer is None else "a transformer trained with sound_gen"
             raise RequestError("enable_sound", True, "false for this checkpoint", f"needs {missing}")

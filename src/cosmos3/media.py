@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from PIL import Image
 
 from cosmos3.request import RequestError
@@ -53,22 +54,38 @@ def fetch_bytes(url: str, field: str, allowed_dir: Path | None = None, allow_loc
     return path.read_bytes()
 
 
+def image_values(frame: Any, field: str) -> torch.Tensor:
+    """An in-memory image -> float32 `[3, H, W]` in 0..255, read as the reference reads it: PIL and integer arrays
+    as 0..255; float arrays in [-1, 1] (any negative value), [0, 1] (max <= 1) or 0..255. numpy is HWC, torch CHW."""
+    if isinstance(frame, Image.Image):
+        return torch.from_numpy(np.array(frame.convert("RGB"), copy=True)).permute(2, 0, 1).float()
+    if isinstance(frame, np.ndarray):
+        frame = torch.from_numpy(np.ascontiguousarray(frame)).permute(2, 0, 1) if frame.ndim == 3 else None
+    if not isinstance(frame, torch.Tensor) or frame.ndim != 3 or frame.shape[0] != 3:
+        raise RequestError(
+            field,
+            getattr(frame, "shape", type(frame).__name__),
+            "a path, a PIL image, an HxWx3 numpy array or a 3xHxW torch tensor",
+        )
+    values = frame.detach().cpu().float()
+    if frame.is_floating_point():
+        if values.min() < 0:
+            values = (values + 1.0) * 127.5
+        elif values.max() <= 1.0:
+            values = values * 255.0
+    return values
+
+
 def to_pil(frame: Any, field: str) -> Image.Image:
     if isinstance(frame, Image.Image):
         return frame.convert("RGB")
-    if isinstance(frame, np.ndarray):
-        if frame.ndim != 3 or frame.shape[-1] != 3:
-            raise RequestError(field, f"array of shape {frame.shape}", "an HxWx3 uint8 array")
-        if frame.dtype != np.uint8:
-            if np.issubdtype(frame.dtype, np.floating) and frame.min() >= 0 and frame.max() <= 1:
-                frame = (frame * 255).round()
-            frame = np.clip(frame, 0, 255).astype(np.uint8)
-        return Image.fromarray(frame)
-    raise RequestError(field, type(frame).__name__, "a path, a PIL image or an HxWx3 uint8 array")
+    values = image_values(frame, field).round().clamp(0, 255).to(torch.uint8)
+    return Image.fromarray(values.permute(1, 2, 0).numpy())
 
 
-def load_image(source: Any, field: str = "image") -> Image.Image:
-    """A path (image file, or a video whose first frame is taken), PIL image or array -> RGB PIL image."""
+def load_image(source: Any, field: str = "image") -> Image.Image | torch.Tensor:
+    """A path (image file, or a video's first frame) or a PIL image -> RGB PIL image; an array or tensor ->
+    `image_values` (kept in float so that float inputs are resized without rounding first, as the reference does)."""
     if isinstance(source, (str, Path)):
         path = Path(source)
         if not path.is_file():
@@ -80,7 +97,9 @@ def load_image(source: Any, field: str = "image") -> Image.Image:
                 return img.convert("RGB")
         except Exception as exc:  # PIL raises several types for corrupt files
             raise RequestError(field, str(source), "a readable JPEG/PNG/WebP image", f"cannot be read ({exc})") from exc
-    return to_pil(source, field)
+    if isinstance(source, Image.Image):
+        return source.convert("RGB")
+    return image_values(source, field)
 
 
 def load_video(source: Any, field: str = "video") -> tuple[list[Image.Image], float | None]:
@@ -105,7 +124,7 @@ def load_video(source: Any, field: str = "video") -> tuple[list[Image.Image], fl
         if not frames:
             raise RequestError(field, str(source), "a video with at least one frame", "has no frames")
         return frames, fps
-    if isinstance(source, np.ndarray) and source.ndim == 4:
+    if isinstance(source, (np.ndarray, torch.Tensor)) and source.ndim == 4:
         return [to_pil(f, field) for f in source], None
     if isinstance(source, (list, tuple)) and source:
         return [to_pil(f, field) for f in source], None

@@ -121,7 +121,14 @@ class GenerateRequest:
             "guidance_scale": "guidance",
             "flow_shift": "shift",
             "image_size": "resolution",
+            "resolution_tier": "resolution",
             "guardrails": "enable_safety_check",
+            "add_resolution_template": "use_resolution_template",  # diffusers' names
+            "add_duration_template": "use_duration_template",
+            "generate_sound": "enable_sound",  # vLLM-Omni's
+            "action_mode": "mode",
+            "chunk_size": "action_chunk_size",
+            "raw_actions": "action",
         }
         for alias, name in aliases.items():
             if alias in raw:
@@ -229,9 +236,9 @@ def _check_vision(r: GenerateRequest) -> None:
     else:
         for name in ("height", "width"):
             value = getattr(r, name)
-            _check_int(name, value, 16, 4096)
-            if value % 16:
-                raise RequestError(name, value, "a multiple of 16 (the VAE's spatial factor) from 16 to 4096")
+            _check_int(name, value, 8, 4096)
+            if value % 8:  # the loaded VAE's own factor (16 for Cosmos 3) is checked by the generator
+                raise RequestError(name, value, "a multiple of the VAE's spatial factor (16 for Cosmos 3), 8 to 4096")
     if r.enable_sound and r.num_frames == 1:
         raise RequestError("enable_sound", True, "false for text2image (sound needs a video)")
     needs = {"image2video": "image", "video2video": "video"}
