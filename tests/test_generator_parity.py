@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -190,3 +192,27 @@ def test_tiers_map_to_documented_sizes():
             r = cosmos3.GenerateRequest(mode="text2image", prompt="x", resolution=tier, aspect_ratio=aspect).resolved()
             assert (r.width, r.height) == (w, h)
             assert w % 16 == 0 and h % 16 == 0
+
+
+def test_native_flow_schedule_and_karras_config_follow_the_checkpoint(tmp_path):
+    """Pipeline/scheduler settings read from the folder: `use_native_flow_schedule` and a Karras-sigma scheduler."""
+    folder = write_pipeline(tmp_path / "p", seed=8)
+    index = json.loads((folder / "model_index.json").read_text())
+    (folder / "model_index.json").write_text(json.dumps({**index, "use_native_flow_schedule": True}))
+    sched = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps({**sched, "use_karras_sigmas": True}))
+    pipe = Cosmos3OmniPipeline.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.config.use_native_flow_schedule
+    engine = cosmos3.load(folder)
+    fields = {
+        "mode": "text2video",
+        "prompt": "waves",
+        "num_frames": 5,
+        "height": 32,
+        "width": 48,
+        "num_steps": 4,
+        "guidance": 3.0,
+        "seed": 2,
+    }
+    assert_same(*run_both(pipe, engine, **fields))
