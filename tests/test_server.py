@@ -431,3 +431,35 @@ def test_outputs_expire_after_retention(engine, settings):
             time.sleep(0.2)
         assert client.get(f"/v1/videos/{job['id']}").status_code == 404
         assert not Path(settings.outputs_dir, job["id"]).exists()
+
+
+def test_queued_requests_of_one_shape_share_passes(engine, settings, monkeypatch):
+    settings.max_batch = 3
+    with TestClient(create_app(engine, settings)) as client:
+        calls = []
+        original = engine.generator.generate_batch
+
+        def spy(reqs, on_steps=None):
+            calls.append([r.prompt for r in reqs])
+            return original(reqs, on_steps)
+
+        monkeypatch.setattr(engine.generator, "generate_batch", spy)
+        worker = client.app.state.worker
+        worker.engine_lock.acquire()
+        try:
+            first = client.post("/v1/videos", data={"prompt": "first", **SMALL}).json()
+            time.sleep(0.3)  # the worker holds "first" and waits for the engine
+            same = [
+                client.post("/v1/videos", data={"prompt": p, **SMALL, "seed": str(i)}).json()
+                for i, p in enumerate(["b", "c", "d"])
+            ]
+            other = client.post("/v1/videos", data={"prompt": "e", **SMALL, "size": "48x32"}).json()
+        finally:
+            worker.engine_lock.release()
+        for job in (first, *same, other):
+            assert wait_job(client, job["id"])["status"] == "completed"
+        assert calls == [["b", "c", "d"]]  # one shared pass set for the three compatible queued requests
+        # Batching does not change a request's output.
+        alone = client.post("/v1/videos/sync", data={"prompt": "c", **SMALL, "seed": "1"}).content
+        batched = client.get(f"/v1/videos/{same[1]['id']}/content").content
+        assert frames_of(alone) == frames_of(batched) == 9

@@ -119,6 +119,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--outputs-dir", default="cosmos3-server/outputs", help="where job inputs and outputs are kept")
     s.add_argument("--retention-hours", type=float, default=24.0, help="finished jobs and files are removed after")
     s.add_argument("--max-upload-mb", type=int, default=512)
+    s.add_argument(
+        "--max-batch",
+        type=int,
+        default=4,
+        help="queued text2image/text2video requests of one shape denoised together (1: never)",
+    )
     return parser
 
 
@@ -339,6 +345,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         outputs_dir=Path(args.outputs_dir),
         retention_s=args.retention_hours * 3600,
         max_upload_bytes=args.max_upload_mb * 2**20,
+        max_batch=args.max_batch,
     )
     engine = load(args.model, *_device_dtype(args), guardrails=_guardrails(args))
     print(f"serving {args.model} on http://{args.host}:{args.port} (jobs: {settings.jobs_db})", flush=True)

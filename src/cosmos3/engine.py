@@ -292,6 +292,15 @@ class Engine:
             )
         return self.generator.generate(self.request(request, **fields), progress=progress, on_step=on_step)
 
+    @torch.inference_mode()
+    def generate_batch(self, requests: list[GenerateRequest | dict]) -> list[GenerationResult]:
+        """Several text2image / text2video requests of one shape, schedule and sound setting, denoised in shared
+        passes (each keeps its own prompt, seed and guidance; the outputs equal separate runs)."""
+        if self.generator is None:
+            raise RequestError("mode", "generate", "reasoning only", "needs the Generator, which was not loaded")
+        resolved = [self.request(r) if isinstance(r, (GenerateRequest, dict)) else r for r in requests]
+        return self.generator.generate_batch(resolved)
+
     # ------------------------------------------------------------------------------------------ Reasoner
     def _reasoner(self) -> Reasoner:
         if self.reasoner is None:

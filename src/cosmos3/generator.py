@@ -16,7 +16,7 @@ import torch
 from cosmos3 import conditioning, media, text
 from cosmos3.guardrails import check_output, check_prompt
 from cosmos3.request import GenerateRequest, RequestError
-from cosmos3.sampler import Stream, denoise
+from cosmos3.sampler import Cancelled, Job, Stream, denoise_batch
 from cosmos3.sequence import pack
 
 logger = logging.getLogger(__name__)
@@ -191,7 +191,8 @@ class Generator:
         samples = int(num_frames / fps * self.sound_tokenizer.config.sampling_rate)
         return math.ceil(samples / self.sound_tokenizer._hop_size)
 
-    def generate_vision(self, req: GenerateRequest, progress: bool, on_step) -> GenerationResult:
+    def prepare_vision(self, req: GenerateRequest, on_step=None) -> Job:
+        """Conditioning, initial noise (the reference's draws, in its order) and packed prompts of a vision mode."""
         h, w, n = req.height, req.width, req.num_frames
         shape = self.latent_shape(n, h, w)
         clean: list[int] = []
@@ -237,7 +238,44 @@ class Generator:
             )
             for ids in (cond_ids, uncond_ids)
         ]
-        out = denoise(self, packs, streams, req, progress=progress, on_step=on_step)
+        return Job(packs, streams, req, on_step)
+
+    def generate_vision(self, req: GenerateRequest, progress: bool, on_step) -> GenerationResult:
+        job = self.prepare_vision(req, on_step)
+        denoise_batch(self, [job], progress=progress)
+        if job.cancelled:
+            raise Cancelled(req.name)
+        return self.finish_vision(job)
+
+    def generate_batch(
+        self, reqs: list[GenerateRequest], on_steps: list | None = None
+    ) -> list[GenerationResult | None]:
+        """Several text2image / text2video requests of one shape and schedule, denoised in shared passes (the
+        server batches queued requests this way). A request cancelled on the way gets None; the others finish."""
+        key = batch_key(reqs[0])
+        if key is None or any(batch_key(r) != key for r in reqs):
+            raise ValueError("generate_batch takes text2image / text2video requests of one shape and schedule")
+        for req in reqs:
+            self.check_supported(req)
+        guardrails = [self.guardrail if r.enable_safety_check else None for r in reqs]
+        for guardrail, req in zip(guardrails, reqs, strict=True):
+            check_prompt(guardrail, req.prompt)
+        jobs = [self.prepare_vision(r, cb) for r, cb in zip(reqs, on_steps or [None] * len(reqs), strict=True)]
+        denoise_batch(self, jobs, progress=False)
+        results: list[GenerationResult | None] = []
+        for job, guardrail in zip(jobs, guardrails, strict=True):
+            if job.cancelled:
+                results.append(None)
+                continue
+            result = self.finish_vision(job)
+            result.video = check_output(guardrail, result.video)
+            result.metadata["guardrails"] = guardrail is not None
+            results.append(result)
+        return results
+
+    def finish_vision(self, job: Job) -> GenerationResult:
+        req = job.req
+        out = {s.name: s.latents for s in job.streams}
         video = self.decode(out["vision"])
         result = GenerationResult(
             video=video,
@@ -259,3 +297,10 @@ class Generator:
         dtype = next(self.sound_tokenizer.parameters()).dtype
         wave = self.sound_tokenizer.decode(latent[None].to(dtype))[0]
         return wave.float().cpu().numpy()
+
+
+def batch_key(req: GenerateRequest) -> tuple | None:
+    """Requests with the same key can share denoising passes (`Generator.generate_batch`); None: never batched."""
+    if req.mode not in ("text2image", "text2video") or req.step_cache is not None:
+        return None
+    return (req.mode, req.height, req.width, req.num_frames, req.fps, req.num_steps, req.shift, req.enable_sound)

@@ -92,6 +92,20 @@ def as_velocities(v_vision, v_sound, v_action) -> dict[str, torch.Tensor]:
     return out
 
 
+@dataclass
+class Job:
+    """One request inside `denoise_batch`: its prompts (packs), streams, request and per-step callback."""
+
+    packs: list[Packed]
+    streams: list[Stream]
+    req: GenerateRequest
+    on_step: Callable[[int, int], None] | None = None
+    cancelled: bool = False
+    schedulers: dict = field(default_factory=dict)  # set by denoise_batch
+    caches: list = field(default_factory=list)
+    computed: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
 def denoise(
     gen: Generator,
     packs: list[Packed],
@@ -101,50 +115,74 @@ def denoise(
     on_step: Callable[[int, int], None] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Denoise every stream jointly; `packs` = [conditional, unconditional]. Returns final latents by name."""
+    job = Job(packs, streams, req, on_step)
+    denoise_batch(gen, [job], progress=progress)
+    if job.cancelled:
+        raise Cancelled()
+    return {s.name: s.latents for s in streams}
+
+
+def denoise_batch(gen: Generator, jobs: list[Job], progress: bool = True) -> None:
+    """Denoise several requests of one shape and schedule together: each step is one model pass over every
+    request's branches. A job whose `on_step` raises `Cancelled` leaves the batch; the others go on."""
     device = gen.device
     dtype = gen.transformer.dtype
-    scheduler = make_scheduler(gen.scheduler_config, req.num_steps, req.shift, gen.use_native_flow_schedule, device)
-    # UniPC keeps a history per instance, so every modality steps its own copy.
-    schedulers = {s.name: copy.deepcopy(scheduler) for s in streams}
-    guided = req.guidance != 1.0
-    packs = packs[: 2 if guided else 1]
+    first = jobs[0].req
+    scheduler = make_scheduler(gen.scheduler_config, first.num_steps, first.shift, gen.use_native_flow_schedule, device)
     model = gen.transformer
-    caches = [model.und_cache(p) for p in packs]  # the prompts' keys/values, the same at every step
     timesteps = scheduler.timesteps
-    step_cache = StepCache(req.step_cache, len(timesteps)) if req.step_cache else None
+    step_cache = StepCache(first.step_cache, len(timesteps)) if first.step_cache else None
+    if step_cache is not None and len(jobs) > 1:
+        raise ValueError("step_cache runs one request at a time")
+    for job in jobs:
+        # UniPC keeps a history per instance, so every modality of every request steps its own copy.
+        job.schedulers = {s.name: copy.deepcopy(scheduler) for s in job.streams}
+        job.packs = job.packs[: 2 if job.req.guidance != 1.0 else 1]
+        job.caches = [model.und_cache(p) for p in job.packs]  # the prompts' keys/values, the same at every step
+        job.computed = {}
     bar = tqdm(total=len(timesteps), desc="denoising", unit="step", disable=not progress)
-    computed: dict[str, torch.Tensor] = {}
     for i, t in enumerate(timesteps):
-        if step_cache is None or step_cache.compute(i, streams[0].latents):
-            inputs = {s.name: s.latents.to(dtype) for s in streams}
-            # Conditional and unconditional passes run together (see Cosmos3Transformer.forward_gen).
-            outs = model.forward_gen(
-                packs,
-                caches,
-                inputs["vision"][0],
-                t,
-                inputs.get("sound"),
-                inputs.get("action"),  # t stays on device
-            )
-            computed = as_velocities(*outs[0])
-            if guided:
-                uncond = as_velocities(*outs[1])
-                computed = {k: uncond[k] + req.guidance * (computed[k] - uncond[k]) for k in computed}
-        v = {k: x.clone() for k, x in computed.items()} if step_cache is not None else computed
-        for s in streams:
-            # Forward-dynamics actions are all given: the reference never steps their scheduler. An all-clean vision
-            # stream (inverse dynamics) is still stepped with zero velocity, as the reference does.
-            if s.name == "action" and s.all_clean:
-                continue
-            vel = v[s.name]
-            if s.keep_channels is not None:
-                vel[..., s.keep_channels :] = 0
-            s.latents = schedulers[s.name].step(vel[None], t, s.latents[None], return_dict=False)[0][0]
-            if s.keep_channels is not None:
-                s.latents[..., s.keep_channels :] = 0
+        active = [job for job in jobs if not job.cancelled]
+        if not active:
+            break
+        if step_cache is None or step_cache.compute(i, active[0].streams[0].latents):
+            branches = [(job, p, c) for job in active for p, c in zip(job.packs, job.caches, strict=True)]
+            inputs = {id(job): {s.name: s.latents.to(dtype) for s in job.streams} for job in active}
+            if len(active) == 1:  # one request: its branches share the noisy tokens (embedded once)
+                only = inputs[id(active[0])]
+                vision, sound, action = only["vision"][0], only.get("sound"), only.get("action")
+            else:
+                vision = [inputs[id(job)]["vision"][0] for job, _, _ in branches]
+                sound = [inputs[id(job)].get("sound") for job, _, _ in branches]
+                action = [inputs[id(job)].get("action") for job, _, _ in branches]
+            # All branches in one pass (see Cosmos3Transformer.forward_gen); t stays on the device.
+            outs = model.forward_gen([p for _, p, _ in branches], [c for _, _, c in branches], vision, t, sound, action)
+            start = 0
+            for job in active:
+                v = as_velocities(*outs[start])
+                if len(job.packs) == 2:
+                    uncond = as_velocities(*outs[start + 1])
+                    v = {k: uncond[k] + job.req.guidance * (v[k] - uncond[k]) for k in v}
+                job.computed = v
+                start += len(job.packs)
+        for job in active:
+            v = {k: x.clone() for k, x in job.computed.items()} if step_cache is not None else job.computed
+            for s in job.streams:
+                # Forward-dynamics actions are all given: the reference never steps their scheduler. An all-clean
+                # vision stream (inverse dynamics) is still stepped with zero velocity, as the reference does.
+                if s.name == "action" and s.all_clean:
+                    continue
+                vel = v[s.name]
+                if s.keep_channels is not None:
+                    vel[..., s.keep_channels :] = 0
+                s.latents = job.schedulers[s.name].step(vel[None], t, s.latents[None], return_dict=False)[0][0]
+                if s.keep_channels is not None:
+                    s.latents[..., s.keep_channels :] = 0
+            if job.on_step is not None:
+                try:
+                    job.on_step(i + 1, len(timesteps))
+                except Cancelled:
+                    job.cancelled = True
         bar.update()
-        if on_step is not None:
-            on_step(i + 1, len(timesteps))
     bar.close()
     gen.last_computed_steps = step_cache.computed if step_cache is not None else len(timesteps)
-    return {s.name: s.latents for s in streams}

@@ -181,13 +181,14 @@ class Cosmos3Transformer(nn.Module):
         self,
         packs: list[Packed],
         caches: list[list[tuple[torch.Tensor, torch.Tensor]]],
-        vision: torch.Tensor,
+        vision: torch.Tensor | list[torch.Tensor],
         timestep: float | torch.Tensor,
-        sound: torch.Tensor | None = None,
-        action: torch.Tensor | None = None,
+        sound: torch.Tensor | list[torch.Tensor | None] | None = None,
+        action: torch.Tensor | list[torch.Tensor | None] | None = None,
         rows_per_chunk: int = 32768,
     ) -> list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]]:
-        """One denoising pass for several prompts (CFG branches) sharing the same noisy tokens, batched.
+        """One denoising pass for several branches of the same shape, batched: the CFG branches of a request
+        (sharing its noisy tokens: pass tensors), or those of several requests (pass one latent per branch).
 
         Same arithmetic as `forward` for each branch, but the understanding pathway comes from `und_cache`, and
         the generation projections and MLPs run once over every branch's rows (`rows_per_chunk` bounds the MLP's
@@ -195,17 +196,29 @@ class Cosmos3Transformer(nn.Module):
         """
         cfg = self.config
         branches = len(packs)
+        shared = not isinstance(vision, list)
+        per_branch = (lambda v: [v] * branches) if shared else (lambda v: v if isinstance(v, list) else [v] * branches)
+        visions, sounds, actions = per_branch(vision), per_branch(sound), per_branch(action)
         if branches > 1 and branches * (packs[0].seq_len - packs[0].und_len) > rows_per_chunk:
             # Large requests: the GEMMs are already big enough, so one branch at a time keeps peak memory at a
             # single pass's (the reference's) instead of growing with the branches.
             return [
-                out
-                for p, c in zip(packs, caches, strict=True)
-                for out in self.forward_gen([p], [c], vision, timestep, sound, action, rows_per_chunk)
+                self.forward_gen([p], [c], v, timestep, s, a, rows_per_chunk)[0]
+                for p, c, v, s, a in zip(packs, caches, visions, sounds, actions, strict=True)
             ]
-        gen = self.embed_generation_tokens(packs[0], vision, self.time_embedding(timestep), sound, action)
-        tokens = gen.shape[0]
-        x = gen.expand(branches, -1, -1).reshape(branches * tokens, -1)
+        temb = self.time_embedding(timestep)
+        if shared:
+            gen = self.embed_generation_tokens(packs[0], vision, temb, sound, action)
+            tokens = gen.shape[0]
+            x = gen.expand(branches, -1, -1).reshape(branches * tokens, -1)
+        else:
+            x = torch.cat(
+                [
+                    self.embed_generation_tokens(p, v, temb, s, a)
+                    for p, v, s, a in zip(packs, visions, sounds, actions, strict=True)
+                ]
+            )
+            tokens = x.shape[0] // branches
         tables = [
             rope_cos_sin(p.position_ids[:, p.und_len :], cfg.head_dim, cfg.rope_theta, cfg.rope_axes_dim, self.dtype)
             for p in packs

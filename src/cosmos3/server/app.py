@@ -38,6 +38,7 @@ class Settings:
     max_pixels: int = 1920 * 1088
     max_frames: int = 300
     max_tokens: int = 32768
+    max_batch: int = 4  # queued text2image/text2video requests of one shape denoised together
 
 
 class ErrorDetail(BaseModel):
@@ -164,7 +165,7 @@ def create_app(engine: Any, settings: Settings | None = None) -> FastAPI:
 
     settings = settings or Settings()
     store = JobStore(settings.jobs_db)
-    worker = Worker(engine, store, settings.outputs_dir, settings.max_queue, settings.retention_s)
+    worker = Worker(engine, store, settings.outputs_dir, settings.max_queue, settings.retention_s, settings.max_batch)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cosmos3.generator import batch_key
+from cosmos3.guardrails import check_prompt
 from cosmos3.request import GenerateRequest, RequestError
 from cosmos3.sampler import Cancelled
 
@@ -134,8 +136,11 @@ class QueueFull(Exception):
 class Worker:
     """Runs queued jobs one at a time on the engine; a cancel stops a running job at its next denoising step."""
 
-    def __init__(self, engine, store: JobStore, outputs_dir: Path, max_queue: int, retention_s: float):
+    def __init__(
+        self, engine, store: JobStore, outputs_dir: Path, max_queue: int, retention_s: float, max_batch: int = 1
+    ):
         self.engine = engine
+        self.max_batch = max_batch
         self.store = store
         self.outputs_dir = outputs_dir
         self.retention_s = retention_s
@@ -227,6 +232,12 @@ class Worker:
             if job is None or job.status != "queued" or job_id in self._cancel:
                 self._cancel.discard(job_id)
                 continue
+            request = GenerateRequest.from_dict(job.request)
+            key = batch_key(request) if self.engine.generator is not None and self.max_batch > 1 else None
+            batch = [job, *self._take_compatible(key)] if key is not None else [job]
+            if len(batch) > 1:
+                self._run_batch(batch)
+                continue
             self.store.update(job_id, status="in_progress", progress=0)
             try:
                 outputs, result = self._execute(job)
@@ -249,15 +260,80 @@ class Worker:
             finally:
                 self._cancel.discard(job_id)
 
-    def _execute(self, job: Job) -> tuple[list[str], dict[str, Any]]:
+    def _progress(self, job: Job):
         def on_step(i: int, n: int) -> None:
             if job.id in self._cancel:
                 raise Cancelled(job.id)
             self.store.update(job.id, progress=min(99, int(100 * i / n)))
 
+        return on_step
+
+    def _take_compatible(self, key: tuple) -> list[Job]:
+        """Take up to max_batch - 1 more queued jobs that can share denoising passes with the one in hand."""
+        taken: list[Job] = []
+        with self.queue.mutex:
+            for job_id in list(self.queue.queue):
+                if len(taken) >= self.max_batch - 1:
+                    break
+                other = self.store.get(job_id)
+                if (
+                    other is not None
+                    and other.status == "queued"
+                    and job_id not in self._cancel
+                    and batch_key(GenerateRequest.from_dict(other.request)) == key
+                ):
+                    self.queue.queue.remove(job_id)
+                    taken.append(other)
+            self.queue.not_full.notify_all()
+        return taken
+
+    def _run_batch(self, batch: list[Job]) -> None:
+        """Queued requests of one shape and schedule, denoised together; each keeps its own outcome."""
+        generator = self.engine.generator
+        runnable: list[tuple[Job, GenerateRequest]] = []
+        for job in batch:
+            self.store.update(job.id, status="in_progress", progress=0)
+            request = GenerateRequest.from_dict(job.request)
+            try:  # refusals and unsupported fields fail their own job, not the batch
+                request = self.engine.request(request)
+                generator.check_supported(request)
+                check_prompt(generator.guardrail if request.enable_safety_check else None, request.prompt)
+            except RequestError as exc:
+                self._finish(job.id, status="failed", error={"code": 400, "message": str(exc), "param": exc.field})
+                continue
+            runnable.append((job, request))
+        if not runnable:
+            return
+        try:
+            with self.engine_lock:
+                results = generator.generate_batch(
+                    [r for _, r in runnable], [self._progress(job) for job, _ in runnable]
+                )
+            for (job, request), result in zip(runnable, results, strict=True):
+                if result is None:
+                    self._finish(job.id, status="cancelled")
+                else:
+                    outputs, summary = self._save(job, request, result)
+                    self._finish(job.id, status="completed", progress=100, outputs=outputs, result=summary)
+        except Exception as exc:  # a failing batch must not take the server down
+            logger.exception("batch %s failed", [job.id for job, _ in runnable])
+            code = 400 if isinstance(exc, RequestError) else 500
+            for job, _ in runnable:
+                if (current := self.store.get(job.id)) is not None and current.status == "in_progress":
+                    self._finish(
+                        job.id, status="failed", error={"code": code, "message": f"{type(exc).__name__}: {exc}"}
+                    )
+        finally:
+            for job, _ in runnable:
+                self._cancel.discard(job.id)
+
+    def _execute(self, job: Job) -> tuple[list[str], dict[str, Any]]:
         request = GenerateRequest.from_dict(job.request)
         with self.engine_lock:
-            result = self.engine.generate(request, progress=False, on_step=on_step)
+            result = self.engine.generate(request, progress=False, on_step=self._progress(job))
+        return self._save(job, request, result)
+
+    def _save(self, job: Job, request: GenerateRequest, result) -> tuple[list[str], dict[str, Any]]:
         folder = self.job_dir(job.id)
         ext = "jpg" if result.video.shape[0] == 1 else "mp4"
         if job.info.get("image_format"):
