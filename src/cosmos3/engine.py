@@ -185,6 +185,8 @@ class Engine:
                 f"{path} holds only the Reasoner (transformers layout, no transformer/ folder); "
                 "load it with surfaces=['reasoner']"
             )
+        # Before the weights: a missing guardrail package should fail in a second, not after minutes of loading.
+        guardrail = self._load_guardrail(path, guardrails) if "generator" in self.surfaces else None
         if pipeline_layout:
             cfg = TransformerConfig.from_json(path / "transformer" / "config.json")
             files = weight_files(path / "transformer")
@@ -208,7 +210,7 @@ class Engine:
         self.generator: Generator | None = None
         if "generator" in self.surfaces:
             self.generator = self._load_generator(path, tokenizer)
-            self.generator.guardrail = self._load_guardrail(path, guardrails)
+            self.generator.guardrail = guardrail
             if vae_tiling:  # opt-in: decodes in overlapping tiles, for memory (see benchmarks/README.md)
                 self.generator.vae.enable_tiling()
         self.reasoner: Reasoner | None = None
