@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -53,6 +54,12 @@ def folder(tmp_path_factory):
     return write_pipeline(tmp_path_factory.mktemp("tiny"), seed=6)
 
 
+def generate_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "cosmos3.cli", "generate", *args], capture_output=True, text=True, env=env
+    )
+
+
 FIELDS = dict(mode="text2video", num_frames=5, height=32, width=48, num_steps=2, progress=False)
 
 
@@ -97,87 +104,48 @@ def test_missing_package_fails_at_load_with_instructions(folder, tmp_path):
     with pytest.raises(GuardrailUnavailable):
         cosmos3.load(enabled)
     assert cosmos3.load(enabled, guardrails=False).generator.guardrail is None
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "cosmos3.cli",
-            "generate",
-            "--model",
-            str(enabled),
-            "--prompt",
-            "x",
-            "--num-frames",
-            "5",
-            "--height",
-            "32",
-            "--width",
-            "32",
-            "--num-steps",
-            "1",
-            "--output",
-            str(tmp_path / "o.mp4"),
-        ],
-        capture_output=True,
-        text=True,
-    )
+    args = [
+        "--model",
+        str(enabled),
+        "--prompt",
+        "x",
+        "--num-frames",
+        "5",
+        "--height",
+        "32",
+        "--width",
+        "32",
+        "--num-steps",
+        "1",
+        "--output",
+        str(tmp_path / "o.mp4"),
+    ]
+    proc = generate_cli(*args)
     assert proc.returncode == 1 and "pip install cosmos_guardrail" in proc.stderr
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "cosmos3.cli",
-            "generate",
-            "--model",
-            str(enabled),
-            "--prompt",
-            "x",
-            "--num-frames",
-            "5",
-            "--height",
-            "32",
-            "--width",
-            "32",
-            "--num-steps",
-            "1",
-            "--output",
-            str(tmp_path / "o.mp4"),
-            "--no-guardrails",
-        ],
-        capture_output=True,
-        text=True,
-    )
+    proc = generate_cli(*args, "--no-guardrails")
     assert proc.returncode == 0, proc.stderr
 
 
 def test_cli_custom_checker_refuses(folder, checker_module, tmp_path):
     path, _ = checker_module
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "cosmos3.cli",
-            "generate",
-            "--model",
-            str(folder),
-            "--prompt",
-            "a forbidden scene",
-            "--guardrail",
-            "fake_checker:FakeChecker",
-            "--num-frames",
-            "5",
-            "--height",
-            "32",
-            "--width",
-            "48",
-            "--num-steps",
-            "1",
-            "--output",
-            str(tmp_path / "o.mp4"),
-        ],
-        capture_output=True,
-        text=True,
-        env={**__import__("os").environ, "PYTHONPATH": str(path)},
+    proc = generate_cli(
+        "--model",
+        str(folder),
+        "--prompt",
+        "a forbidden scene",
+        "--guardrail",
+        "fake_checker:FakeChecker",
+        "--num-frames",
+        "5",
+        "--height",
+        "32",
+        "--width",
+        "48",
+        "--num-steps",
+        "1",
+        "--output",
+        str(tmp_path / "o.mp4"),
+        env={**os.environ, "PYTHONPATH": str(path)},
     )
     assert proc.returncode == 2 and "error: prompt=" in proc.stderr and "refused" in proc.stderr
 
