@@ -17,7 +17,7 @@ import torch
 sys.path.insert(0, "benchmarks")
 from forward import SIZES, build_models  # noqa: E402
 
-from cosmos3.sequence import pack  # noqa: E402
+from cosmos3.model.sequence import pack  # noqa: E402
 
 
 def main() -> None:

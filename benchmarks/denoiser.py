@@ -21,7 +21,7 @@ sys.path.insert(0, "benchmarks")
 sys.path.insert(0, "tests")
 from forward import SIZES, build_models  # noqa: E402
 
-from cosmos3.sequence import pack  # noqa: E402
+from cosmos3.model.sequence import pack  # noqa: E402
 
 from reference import reference_forward  # noqa: E402
 

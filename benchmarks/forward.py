@@ -14,9 +14,9 @@ import time
 
 import torch
 
-from cosmos3.config import preset
+from cosmos3.loading.config import preset
+from cosmos3.model.sequence import pack
 from cosmos3.model.transformer import Cosmos3Transformer
-from cosmos3.sequence import pack
 
 SIZES = {
     "tiny-smoke": (9, 64, 96),

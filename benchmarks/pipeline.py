@@ -18,9 +18,9 @@ import torch
 sys.path.insert(0, "benchmarks")
 from forward import build_models  # noqa: E402
 
-from cosmos3.generator import Generator  # noqa: E402
-from cosmos3.request import GenerateRequest  # noqa: E402
-from cosmos3.tiny import build_tokenizer  # noqa: E402
+from cosmos3.generation.pipeline import Generator  # noqa: E402
+from cosmos3.generation.request import GenerateRequest  # noqa: E402
+from cosmos3.loading.tiny import build_tokenizer  # noqa: E402
 
 
 def wan22_vae():

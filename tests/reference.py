@@ -6,10 +6,10 @@ import math
 
 import torch
 
-from cosmos3.checkpoint import weight_files
-from cosmos3.config import TransformerConfig
-from cosmos3.engine import load_transformer
-from cosmos3.sequence import Packed
+from cosmos3.loading.checkpoint import weight_files
+from cosmos3.loading.components import load_transformer
+from cosmos3.loading.config import TransformerConfig
+from cosmos3.model.sequence import Packed
 
 
 def load_ours(folder):

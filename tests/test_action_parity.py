@@ -9,8 +9,8 @@ from diffusers import Cosmos3OmniPipeline
 from diffusers.pipelines.cosmos.pipeline_cosmos3_omni import CosmosActionCondition
 
 import cosmos3
-from cosmos3.request import EMBODIMENTS
-from cosmos3.tiny import write_pipeline
+from cosmos3.generation.request import EMBODIMENTS
+from cosmos3.loading.tiny import write_pipeline
 
 from test_generator_parity import gradient_image
 
@@ -148,14 +148,14 @@ def test_actions_far_outside_the_normalised_range_warn_naming_channels(pair, cap
         guidance=1.0,
         progress=False,
     )
-    with caplog.at_level("WARNING", logger="cosmos3.actions"):
+    with caplog.at_level("WARNING", logger="cosmos3.generation.actions"):
         engine.generate(**fields, action=[[0.3, 40.0]] * 4)  # channel 1 is 40x the normalised scale
     assert "action channels [1]" in caplog.text
     caplog.clear()
-    with caplog.at_level("WARNING", logger="cosmos3.actions"):
+    with caplog.at_level("WARNING", logger="cosmos3.generation.actions"):
         engine.generate(**fields, action=[[0.005, -0.004]] * 4)  # 55x too small, the reported user mistake
     assert "far too small" in caplog.text and "[0, 1]" in caplog.text
     caplog.clear()
-    with caplog.at_level("WARNING", logger="cosmos3.actions"):
+    with caplog.at_level("WARNING", logger="cosmos3.generation.actions"):
         engine.generate(**fields, action=[[0.5, -0.8]] * 4)
     assert "action channels" not in caplog.text and "far too small" not in caplog.text

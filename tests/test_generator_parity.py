@@ -11,9 +11,9 @@ from diffusers import Cosmos3OmniPipeline, UniPCMultistepScheduler
 from PIL import Image
 
 import cosmos3
-from cosmos3.config import preset
-from cosmos3.request import RESOLUTIONS
-from cosmos3.tiny import write_pipeline
+from cosmos3.generation.request import RESOLUTIONS
+from cosmos3.loading.config import preset
+from cosmos3.loading.tiny import write_pipeline
 
 PIPELINES = {
     "tiny": preset("tiny"),

@@ -13,8 +13,8 @@ from fastapi.testclient import TestClient
 
 import cosmos3
 from cosmos3.guardrails import GuardrailUnavailable, SafetyRefusal
+from cosmos3.loading.tiny import write_pipeline
 from cosmos3.server.app import Settings, create_app
-from cosmos3.tiny import write_pipeline
 
 FAKE_CHECKER = '''
 import numpy as np

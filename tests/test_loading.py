@@ -10,8 +10,8 @@ from diffusers import AutoencoderKLWan, Cosmos3OmniPipeline, Cosmos3OmniTransfor
 from safetensors.torch import load_file, save_file
 
 import cosmos3
-from cosmos3.checkpoint import CheckpointError
-from cosmos3.tiny import build_tokenizer, write_pipeline
+from cosmos3.loading.checkpoint import CheckpointError
+from cosmos3.loading.tiny import build_tokenizer, write_pipeline
 
 from reference import randomize
 

@@ -10,8 +10,8 @@ from transformers import Cosmos3OmniConfig, Cosmos3OmniForConditionalGeneration
 from transformers.video_utils import VideoMetadata
 
 import cosmos3
-from cosmos3.config import preset
-from cosmos3.tiny import build_tokenizer, write_pipeline, write_reasoner_config
+from cosmos3.loading.config import preset
+from cosmos3.loading.tiny import build_tokenizer, write_pipeline, write_reasoner_config
 
 from reference import randomize
 
@@ -159,7 +159,7 @@ def test_logits_and_greedy_tokens_match(pair, case):
     prompt = engine.reasoner.encode(ours_messages)
     ours_tokens = [
         t[0]
-        for t in engine.reasoner.token_stream([prompt], cosmos3.reasoner.Sampling(max_tokens=20))
+        for t in engine.reasoner.token_stream([prompt], cosmos3.reasoning.reasoner.Sampling(max_tokens=20))
         if t[0] is not None
     ]
     assert ours_tokens == ref_tokens.tolist()[: len(ours_tokens)]
@@ -238,7 +238,7 @@ def test_bad_messages_name_the_problem(pair, messages, field):
 
 def test_limits_are_stated(pair, monkeypatch):
     _, engine = pair
-    monkeypatch.setattr(cosmos3.reasoner, "MAX_IMAGE_PIXELS", 1000)
+    monkeypatch.setattr(cosmos3.reasoning.reasoner, "MAX_IMAGE_PIXELS", 1000)
     with pytest.raises(cosmos3.RequestError, match="up to 1,000 pixels"):
         engine.reason([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": image(1)}}]}])
     with pytest.raises(cosmos3.RequestError, match="max_tokens"):
@@ -246,7 +246,7 @@ def test_limits_are_stated(pair, monkeypatch):
 
 
 def test_reasoning_format(pair):
-    from cosmos3.reasoner import REASONING_SUFFIX, split_reasoning
+    from cosmos3.reasoning.reasoner import REASONING_SUFFIX, split_reasoning
 
     _, engine = pair
     prompt = engine.reasoner.encode([{"role": "user", "content": "Is the cup stable?"}], reasoning=True)

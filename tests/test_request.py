@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from cosmos3.request import GenerateRequest, RequestError
+from cosmos3.errors import RequestError
+from cosmos3.generation.request import GenerateRequest
 
 
 def resolve(**fields) -> GenerateRequest:
-    return GenerateRequest.from_dict(fields).resolved()
+    return GenerateRequest.from_dict(fields).resolved(vae_factors=(16, 4))  # the Cosmos 3 VAE's factors
 
 
 def test_documented_defaults():

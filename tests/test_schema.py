@@ -10,8 +10,8 @@ from hypothesis import HealthCheck, settings
 from schemathesis.checks import positive_data_acceptance
 
 import cosmos3
+from cosmos3.loading.tiny import write_pipeline
 from cosmos3.server.app import Settings, create_app
-from cosmos3.tiny import write_pipeline
 
 ROOT = Path(__file__).parent.parent / ".pytest_cache" / "schemathesis"
 shutil.rmtree(ROOT, ignore_errors=True)

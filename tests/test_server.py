@@ -18,8 +18,8 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 import cosmos3
+from cosmos3.loading.tiny import write_pipeline
 from cosmos3.server.app import Settings, create_app
-from cosmos3.tiny import write_pipeline
 
 
 @pytest.fixture(scope="module")

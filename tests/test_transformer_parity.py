@@ -6,7 +6,7 @@ import pytest
 import torch
 from diffusers import Cosmos3OmniTransformer
 
-from cosmos3.sequence import pack
+from cosmos3.model.sequence import pack
 
 from reference import load_ours, randomize, reference_forward
 

@@ -9,7 +9,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from cosmos3.request import MODES, GenerateRequest, RequestError
+from cosmos3.errors import RequestError
+from cosmos3.generation.dialects import MODES
+from cosmos3.generation.request import GenerateRequest
 
 
 def _int_list(text: str) -> list[int]:
@@ -185,7 +187,7 @@ def requests_from_args(args: argparse.Namespace) -> list[tuple[GenerateRequest, 
             value = entry.get(key)
             if isinstance(value, str) and not Path(value).is_absolute() and "://" not in value:
                 entry[key] = str(spec_path.parent / value)
-        req = GenerateRequest.from_dict(entry)
+        req = GenerateRequest.from_dict(entry, "framework")
         name = req.name or f"sample_{i}"
         ext = "jpg" if (req.mode or "text2video") == "text2image" else "mp4"
         out.append((req, Path(args.output_dir) / name / f"vision.{ext}"))
@@ -222,20 +224,21 @@ def cmd_generate(args: argparse.Namespace) -> int:
     jobs = requests_from_args(args)
     defaults = TINY_DEFAULTS if args.model == "tiny" else {}
     for req, _ in jobs:
-        req.resolved(defaults)  # fail fast, before the model loads
+        req.resolved(defaults)  # fail fast, before the model loads (the VAE-dependent checks wait for it)
     engine = load(args.model, *_device_dtype(args), guardrails=_guardrails(args))
     for req, output in jobs:
-        result = engine.generate(req)
+        resolved = engine.request(req)
+        result = engine.generate(resolved)
         for path in result.save(output):
             print(f"wrote {path}")
         if args.spec:
-            (output.parent / "sample_args.json").write_text(json.dumps(_jsonable(engine.request(req).__dict__)))
+            (output.parent / "sample_args.json").write_text(json.dumps(_jsonable(resolved.__dict__)))
     return 0
 
 
 def cmd_reason(args: argparse.Namespace) -> int:
     from cosmos3.engine import load
-    from cosmos3.reasoner import split_reasoning
+    from cosmos3.reasoning.reasoner import split_reasoning
 
     content = [{"type": "image_url", "image_url": {"url": str(Path(p).resolve())}} for p in args.image]
     content += [{"type": "video_url", "video_url": {"url": str(Path(p).resolve())}} for p in args.video]
@@ -300,7 +303,7 @@ def cmd_upsample(args: argparse.Namespace) -> int:
         complete = endpoint_completer(args.endpoint_url, args.model, args.api_token)
         from transformers import AutoTokenizer
 
-        from cosmos3.engine import resolve_path
+        from cosmos3.loading.components import resolve_path
 
         path = resolve_path(args.checkpoint)
         tokenizer = AutoTokenizer.from_pretrained(

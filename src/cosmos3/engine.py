@@ -5,19 +5,30 @@ from __future__ import annotations
 import json
 import logging
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from cosmos3.checkpoint import GENERATOR_ONLY, CheckpointError, load_weights, read_tensors, weight_files
-from cosmos3.config import TransformerConfig
-from cosmos3.generator import GenerationResult, Generator
+from cosmos3.errors import Cancelled, RequestError
+from cosmos3.generation.codecs import SoundCodec, VideoCodec
+from cosmos3.generation.parts import Parts
+from cosmos3.generation.pipeline import Generator, batch_key
+from cosmos3.generation.request import GenerateRequest
+from cosmos3.generation.result import GenerationResult
+from cosmos3.generation.sampler import Schedule
 from cosmos3.guardrails import CosmosGuardrail, Guardrail
-from cosmos3.model.transformer import Cosmos3Transformer
-from cosmos3.reasoner import Reasoner, Sampling
-from cosmos3.request import GenerateRequest, RequestError
+from cosmos3.loading.checkpoint import CheckpointError, read_tensors, weight_files
+from cosmos3.loading.components import (
+    load_processor,
+    load_transformer,
+    load_vision_tower,
+    reasoner_text_config,
+    resolve_path,
+)
+from cosmos3.loading.config import TransformerConfig
+from cosmos3.reasoning.reasoner import Reasoner, Sampling
 
 logger = logging.getLogger(__name__)
 
@@ -33,126 +44,6 @@ SURFACES = ("generator", "reasoner")
 
 # Smaller defaults for the tiny model so that every command finishes on a CPU in seconds.
 TINY_DEFAULTS = {"resolution": "256", "num_frames": 17, "num_steps": 8}
-
-
-def resolve_path(model: str | Path) -> Path:
-    """`"tiny"`, a local checkpoint folder, or a hub id already in the local Hugging Face cache."""
-    if str(model) == "tiny":
-        from cosmos3.tiny import tiny_path
-
-        return tiny_path()
-    path = Path(model).expanduser()
-    if path.exists():
-        if not (path / "transformer" / "config.json").is_file() and not (path / "config.json").is_file():
-            raise CheckpointError(
-                f"{path} is not a Cosmos 3 checkpoint folder: "
-                "it has neither transformer/config.json (pipeline layout) nor config.json (Reasoner layout)"
-            )
-        return path
-    if str(model).count("/") == 1 and not str(model).startswith((".", "/", "~")):
-        from huggingface_hub import snapshot_download
-
-        try:
-            return Path(snapshot_download(str(model), local_files_only=True))
-        except Exception as exc:
-            raise CheckpointError(
-                f"{model} is not in the local Hugging Face cache and cannot be downloaded here. On a connected "
-                f"machine run `hf download {model} --local-dir DIR`, copy DIR here and pass its path "
-                f"(cosmos3.load('DIR') or --model DIR), or point HF_HOME at a cache that holds it."
-            ) from exc
-    raise CheckpointError(
-        f"model {str(model)!r} is neither 'tiny', an existing folder, nor a hub id like 'nvidia/Cosmos3-Nano'"
-    )
-
-
-def reasoner_text_config(raw: dict) -> TransformerConfig:
-    """Our config from a transformers `cosmos3_omni` config.json (Reasoner layout: no generation pathway)."""
-    text = raw.get("text_config") or {}
-    rope = text.get("rope_parameters") or text.get("rope_scaling") or {}
-    keys = (
-        "hidden_size",
-        "intermediate_size",
-        "num_hidden_layers",
-        "num_attention_heads",
-        "num_key_value_heads",
-        "head_dim",
-        "vocab_size",
-        "rms_norm_eps",
-        "attention_bias",
-        "hidden_act",
-    )
-    values = {k: text[k] for k in keys if k in text}
-    values["rope_theta"] = rope.get("rope_theta", text.get("rope_theta", 5_000_000.0))
-    values["rope_axes_dim"] = list(rope.get("mrope_section", [24, 20, 20]))
-    return TransformerConfig(**values)
-
-
-def load_transformer(
-    cfg: TransformerConfig, files: list[Path], device, dtype: torch.dtype, generator: bool = True
-) -> tuple[Cosmos3Transformer, dict]:
-    """Build the MoT on the meta device and fill it shard by shard; returns it and the vision-tower tensors.
-
-    Without `generator` the generation pathway is never read and stays on the meta device (no memory)."""
-    with torch.device("meta"):
-        model = Cosmos3Transformer(cfg)
-    vision = load_weights(model, files, device, dtype, skip=None if generator else GENERATOR_ONLY)
-    return model.eval().requires_grad_(False), vision
-
-
-def load_vision_tower(vision_config: dict, weights: dict[str, torch.Tensor], device, dtype):
-    """transformers' Qwen3-VL vision model filled with the checkpoint's `blocks.*`, `merger.*`, ... tensors."""
-    from transformers.models.qwen3_vl.configuration_qwen3_vl import Qwen3VLVisionConfig
-    from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLVisionModel, Qwen3VLVisionRotaryEmbedding
-
-    if vision_config.get("model_type", "qwen3_vl_vision") != "qwen3_vl_vision":
-        raise CheckpointError(
-            f"vision tower {vision_config.get('model_type')!r} is not supported; supported: "
-            "qwen3_vl_vision (Nano, Super)"
-        )
-    config = Qwen3VLVisionConfig(**{k: v for k, v in vision_config.items() if k != "model_type"})
-    config._attn_implementation = "sdpa"
-    with torch.device("meta"):
-        vision = Qwen3VLVisionModel(config)
-    expected = set(vision.state_dict())
-    missing, unexpected = sorted(expected - set(weights)), sorted(set(weights) - expected)
-    if missing or unexpected:
-        raise CheckpointError(
-            f"vision tower weights do not match vision_config: missing {missing[:10]}, unexpected {unexpected[:10]}"
-        )
-    vision.load_state_dict(weights, assign=True, strict=True)
-    vision.rotary_pos_emb = Qwen3VLVisionRotaryEmbedding(config).to(device)  # its buffer is computed, not stored
-    return vision.to(device=device, dtype=dtype).eval().requires_grad_(False)
-
-
-def load_processor(path: Path, tokenizer, vision_config: dict):
-    """The Qwen3-VL processor: the checkpoint's pre-processor configs, else Qwen3-VL's with Cosmos' mean/std 0.5."""
-    from transformers import Qwen2VLImageProcessor, Qwen3VLProcessor
-    from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
-
-    patch = {
-        "patch_size": vision_config.get("patch_size", 16),
-        "merge_size": vision_config.get("spatial_merge_size", 2),
-        "temporal_patch_size": vision_config.get("temporal_patch_size", 2),
-    }
-    if (path / "preprocessor_config.json").is_file():
-        image_processor = Qwen2VLImageProcessor.from_pretrained(path)
-    else:
-        image_processor = Qwen2VLImageProcessor(**patch, image_mean=[0.5] * 3, image_std=[0.5] * 3)
-    if (path / "video_preprocessor_config.json").is_file():
-        video_processor = Qwen3VLVideoProcessor.from_pretrained(path)
-    else:
-        video_processor = Qwen3VLVideoProcessor(**patch, image_mean=[0.5] * 3, image_std=[0.5] * 3)
-    template = None
-    if (path / "chat_template.jinja").is_file():
-        template = (path / "chat_template.jinja").read_text()
-    elif (path / "chat_template.json").is_file():
-        template = json.loads((path / "chat_template.json").read_text())["chat_template"]
-    return Qwen3VLProcessor(
-        image_processor=image_processor,
-        tokenizer=tokenizer,
-        video_processor=video_processor,
-        chat_template=template or tokenizer.chat_template,
-    )
 
 
 class Engine:
@@ -209,16 +100,15 @@ class Engine:
 
         self.generator: Generator | None = None
         if "generator" in self.surfaces:
-            self.generator = self._load_generator(path, tokenizer)
-            self.generator.guardrail = guardrail
+            self.generator = Generator(self._load_generation_parts(path, tokenizer), guardrail)
             if vae_tiling:  # opt-in: decodes in overlapping tiles, for memory (see benchmarks/README.md)
-                self.generator.vae.enable_tiling()
+                self.generator.parts.video.vae.enable_tiling()
         self.reasoner: Reasoner | None = None
         if "reasoner" in self.surfaces:
             self.reasoner = self._load_reasoner(path, tokenizer, root_config)
         self.defaults = dict(TINY_DEFAULTS) if path.name.startswith("tiny-v") else {}
 
-    def _load_generator(self, path: Path, tokenizer) -> Generator:
+    def _load_generation_parts(self, path: Path, tokenizer) -> Parts:
         from diffusers import AutoencoderKLWan
 
         index = json.loads((path / "model_index.json").read_text()) if (path / "model_index.json").is_file() else {}
@@ -230,16 +120,15 @@ class Engine:
 
             with warnings.catch_warnings():  # the codec uses torch's legacy weight_norm, which warns on every load
                 warnings.simplefilter("ignore", FutureWarning)
-                sound = Cosmos3AVAEAudioTokenizer.from_pretrained(path / "sound_tokenizer", torch_dtype=self.dtype)
-            sound = sound.to(self.device).eval()
-        return Generator(
-            self.transformer,
-            vae,
-            scheduler_config,
-            tokenizer,
-            sound,
+                codec = Cosmos3AVAEAudioTokenizer.from_pretrained(path / "sound_tokenizer", torch_dtype=self.dtype)
+            sound = SoundCodec(codec.to(self.device).eval())
+        return Parts(
+            transformer=self.transformer,
+            video=VideoCodec(vae, self.transformer.config.latent_channel),
+            sound=sound,
+            tokenizer=tokenizer,
+            schedule=Schedule(scheduler_config, native=index.get("use_native_flow_schedule", False)),
             default_use_system_prompt=index.get("default_use_system_prompt", True),
-            use_native_flow_schedule=index.get("use_native_flow_schedule", False),
         )
 
     def _load_guardrail(self, path: Path, guardrails: bool | Guardrail | None) -> Guardrail | None:
@@ -271,37 +160,51 @@ class Engine:
 
     # ------------------------------------------------------------------------------------------ Generator
     def request(self, request: GenerateRequest | dict | None = None, **fields: Any) -> GenerateRequest:
-        """Build and resolve a request from a `GenerateRequest`, a Framework-style dict, or keyword fields."""
+        """Build and resolve a request from a `GenerateRequest`, a dict in a dialect's wire names (`"dialect"` names
+        it; the Python API's by default), or keyword fields. The one place requests are resolved."""
         if request is None:
             request = GenerateRequest.from_dict(fields)
         elif isinstance(request, dict):
             request = GenerateRequest.from_dict({**request, **fields})
         elif fields:
             raise TypeError("pass either a GenerateRequest or keyword fields, not both")
-        return request.resolved(self.defaults)
+        video = self.generator.parts.video if self.generator is not None else None
+        return request.resolved(self.defaults, (video.spatial, video.temporal) if video is not None else None)
+
+    def _generator(self, mode: Any) -> Generator:
+        if self.generator is None:
+            raise RequestError(
+                "mode", mode, "reasoning only", f"needs the Generator, which this engine did not load ({self.surfaces})"
+            )
+        return self.generator
 
     @torch.inference_mode()
     def generate(
-        self, request: GenerateRequest | dict | None = None, *, progress: bool = True, on_step=None, **fields: Any
+        self,
+        request: GenerateRequest | dict | None = None,
+        *,
+        progress: bool = True,
+        on_step: Callable[[int, int], None] | None = None,
+        **fields: Any,
     ) -> GenerationResult:
-        """`engine.generate(mode="text2video", prompt="...", ...)`; see `GenerateRequest` for every field."""
-        if self.generator is None:
-            raise RequestError(
-                "mode",
-                fields.get("mode", "generate"),
-                "reasoning only",
-                f"needs the Generator, which this engine did not load (surfaces={list(self.surfaces)})",
-            )
-        return self.generator.generate(self.request(request, **fields), progress=progress, on_step=on_step)
+        """`engine.generate(mode="text2video", prompt="...", ...)`; see `GenerateRequest` for every field.
+        `on_step(step, steps)` is called after every denoising step; raising `cosmos3.errors.Cancelled` stops."""
+        generator = self._generator(fields.get("mode", "generate"))
+        return generator.generate(self.request(request, **fields), progress=progress, on_step=on_step)
 
     @torch.inference_mode()
-    def generate_batch(self, requests: list[GenerateRequest | dict]) -> list[GenerationResult]:
+    def generate_batch(
+        self, requests: list[GenerateRequest | dict], on_steps: list | None = None
+    ) -> list[GenerationResult | RequestError | Cancelled]:
         """Several text2image / text2video requests of one shape, schedule and sound setting, denoised in shared
-        passes (each keeps its own prompt, seed and guidance; the outputs equal separate runs)."""
-        if self.generator is None:
-            raise RequestError("mode", "generate", "reasoning only", "needs the Generator, which was not loaded")
-        resolved = [self.request(r) if isinstance(r, (GenerateRequest, dict)) else r for r in requests]
-        return self.generator.generate_batch(resolved)
+        passes (each keeps its own prompt, seed and guidance; the outputs equal separate runs). Each request gets
+        its own outcome: its result, the RequestError that refused it, or Cancelled."""
+        generator = self._generator("generate")
+        return generator.generate_batch([self.request(r) for r in requests], on_steps)
+
+    def batch_key(self, request: GenerateRequest) -> tuple | None:
+        """Resolved requests with equal keys can run in one `generate_batch`; None: this one runs alone."""
+        return batch_key(request) if self.generator is not None else None
 
     # ------------------------------------------------------------------------------------------ Reasoner
     def _reasoner(self) -> Reasoner:

@@ -10,7 +10,7 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
-from cosmos3.request import RequestError
+from cosmos3.errors import RequestError
 
 INSTALL_HINT = (
     "install it with `pip install cosmos_guardrail` (its models are fetched from the Hugging Face hub, so put them "

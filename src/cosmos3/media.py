@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from cosmos3.request import RequestError
+from cosmos3.errors import RequestError
 
 VIDEO_SUFFIXES = (".mp4", ".mov", ".avi", ".mkv", ".webm")
 MAX_FETCH_BYTES = 512 * 2**20

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cosmos3.request import RESOLUTIONS, RequestError
+from cosmos3.errors import RequestError
+from cosmos3.generation.request import RESOLUTIONS
 
 logger = logging.getLogger(__name__)
 

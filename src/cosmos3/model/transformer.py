@@ -1,7 +1,7 @@
 """The Cosmos 3 Mixture-of-Transformers denoiser.
 
 Parameter names are the published checkpoint's flat names, so loading is a plain `load_state_dict`
-after the renames in `cosmos3.checkpoint`.
+after the renames in `cosmos3.loading.checkpoint`.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from cosmos3.config import TransformerConfig
+from cosmos3.loading.config import TransformerConfig
 from cosmos3.model.layers import (
     DomainLinear,
     MoTDecoderLayer,
@@ -19,7 +19,7 @@ from cosmos3.model.layers import (
     attention,
     rope_cos_sin,
 )
-from cosmos3.sequence import Packed
+from cosmos3.model.sequence import Packed
 
 
 class KVCache:

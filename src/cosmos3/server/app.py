@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from cosmos3.request import RequestError
+from cosmos3.errors import RequestError
 from cosmos3.server.jobs import JobStore, QueueFull, Worker
 
 logger = logging.getLogger(__name__)

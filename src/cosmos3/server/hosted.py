@@ -9,7 +9,7 @@ from typing import Any, Literal
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field
 
-from cosmos3.request import ACTION_MODES
+from cosmos3.generation.dialects import ACTION_MODES
 from cosmos3.server.app import check_limits
 from cosmos3.server.inputs import fetch
 from cosmos3.server.openai import finished, settings_of

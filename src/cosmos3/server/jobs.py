@@ -14,10 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cosmos3.generator import batch_key
-from cosmos3.guardrails import check_prompt
-from cosmos3.request import GenerateRequest, RequestError
-from cosmos3.sampler import Cancelled
+from cosmos3.errors import Cancelled, RequestError
+from cosmos3.generation.request import GenerateRequest
 
 logger = logging.getLogger(__name__)
 
@@ -233,32 +231,8 @@ class Worker:
                 self._cancel.discard(job_id)
                 continue
             request = GenerateRequest.from_dict(job.request)
-            key = batch_key(request) if self.engine.generator is not None and self.max_batch > 1 else None
-            batch = [job, *self._take_compatible(key)] if key is not None else [job]
-            if len(batch) > 1:
-                self._run_batch(batch)
-                continue
-            self.store.update(job_id, status="in_progress", progress=0)
-            try:
-                outputs, result = self._execute(job)
-            except Cancelled:
-                if self._stop.is_set():
-                    self._finish(
-                        job_id,
-                        status="failed",
-                        error={"code": 500, "message": "interrupted by a server shutdown; submit it again"},
-                    )
-                else:
-                    self._finish(job_id, status="cancelled")
-            except RequestError as exc:
-                self._finish(job_id, status="failed", error={"code": 400, "message": str(exc), "param": exc.field})
-            except Exception as exc:  # a failing job must not take the server down
-                logger.exception("job %s failed", job_id)
-                self._finish(job_id, status="failed", error={"code": 500, "message": f"{type(exc).__name__}: {exc}"})
-            else:
-                self._finish(job_id, status="completed", progress=100, outputs=outputs, result=result)
-            finally:
-                self._cancel.discard(job_id)
+            key = self.engine.batch_key(request) if self.max_batch > 1 else None
+            self._run_batch([job, *self._take_compatible(key)] if key is not None else [job])
 
     def _progress(self, job: Job):
         def on_step(i: int, n: int) -> None:
@@ -280,7 +254,7 @@ class Worker:
                     other is not None
                     and other.status == "queued"
                     and job_id not in self._cancel
-                    and batch_key(GenerateRequest.from_dict(other.request)) == key
+                    and self.engine.batch_key(GenerateRequest.from_dict(other.request)) == key
                 ):
                     self.queue.queue.remove(job_id)
                     taken.append(other)
@@ -288,50 +262,38 @@ class Worker:
         return taken
 
     def _run_batch(self, batch: list[Job]) -> None:
-        """Queued requests of one shape and schedule, denoised together; each keeps its own outcome."""
-        generator = self.engine.generator
-        runnable: list[tuple[Job, GenerateRequest]] = []
+        """One job, or queued jobs of one shape and schedule denoised together; each keeps its own outcome."""
         for job in batch:
             self.store.update(job.id, status="in_progress", progress=0)
-            request = GenerateRequest.from_dict(job.request)
-            try:  # refusals and unsupported fields fail their own job, not the batch
-                request = self.engine.request(request)
-                generator.check_supported(request)
-                check_prompt(generator.guardrail if request.enable_safety_check else None, request.prompt)
-            except RequestError as exc:
-                self._finish(job.id, status="failed", error={"code": 400, "message": str(exc), "param": exc.field})
-                continue
-            runnable.append((job, request))
-        if not runnable:
-            return
+        requests = [GenerateRequest.from_dict(job.request) for job in batch]
         try:
             with self.engine_lock:
-                results = generator.generate_batch(
-                    [r for _, r in runnable], [self._progress(job) for job, _ in runnable]
-                )
-            for (job, request), result in zip(runnable, results, strict=True):
-                if result is None:
-                    self._finish(job.id, status="cancelled")
-                else:
-                    outputs, summary = self._save(job, request, result)
-                    self._finish(job.id, status="completed", progress=100, outputs=outputs, result=summary)
+                outcomes = self.engine.generate_batch(requests, [self._progress(job) for job in batch])
         except Exception as exc:  # a failing batch must not take the server down
-            logger.exception("batch %s failed", [job.id for job, _ in runnable])
-            code = 400 if isinstance(exc, RequestError) else 500
-            for job, _ in runnable:
-                if (current := self.store.get(job.id)) is not None and current.status == "in_progress":
-                    self._finish(
-                        job.id, status="failed", error={"code": code, "message": f"{type(exc).__name__}: {exc}"}
-                    )
-        finally:
-            for job, _ in runnable:
+            logger.exception("jobs %s failed", [job.id for job in batch])
+            outcomes = [exc] * len(batch)
+        for job, request, outcome in zip(batch, requests, outcomes, strict=True):
+            try:
+                if isinstance(outcome, Cancelled):
+                    if self._stop.is_set():
+                        error = {"code": 500, "message": "interrupted by a server shutdown; submit it again"}
+                        self._finish(job.id, status="failed", error=error)
+                    else:
+                        self._finish(job.id, status="cancelled")
+                elif isinstance(outcome, RequestError):
+                    error = {"code": 400, "message": str(outcome), "param": outcome.field}
+                    self._finish(job.id, status="failed", error=error)
+                elif isinstance(outcome, Exception):
+                    error = {"code": 500, "message": f"{type(outcome).__name__}: {outcome}"}
+                    self._finish(job.id, status="failed", error=error)
+                else:
+                    outputs, summary = self._save(job, request, outcome)
+                    self._finish(job.id, status="completed", progress=100, outputs=outputs, result=summary)
+            except Exception as exc:  # saving one job's files failed; the others are unaffected
+                logger.exception("job %s failed", job.id)
+                self._finish(job.id, status="failed", error={"code": 500, "message": f"{type(exc).__name__}: {exc}"})
+            finally:
                 self._cancel.discard(job.id)
-
-    def _execute(self, job: Job) -> tuple[list[str], dict[str, Any]]:
-        request = GenerateRequest.from_dict(job.request)
-        with self.engine_lock:
-            result = self.engine.generate(request, progress=False, on_step=self._progress(job))
-        return self._save(job, request, result)
 
     def _save(self, job: Job, request: GenerateRequest, result) -> tuple[list[str], dict[str, Any]]:
         folder = self.job_dir(job.id)

@@ -17,8 +17,9 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from cosmos3.reasoner import Sampling
-from cosmos3.request import ACTION_MODES, RequestError
+from cosmos3.errors import RequestError
+from cosmos3.generation.dialects import ACTION_MODES
+from cosmos3.reasoning.reasoner import Sampling
 from cosmos3.server.app import APIError, Settings, check_limits
 from cosmos3.server.inputs import check_model, fetch, save_upload
 from cosmos3.server.jobs import Job

@@ -6,20 +6,20 @@ import dataclasses
 import json
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
-from tqdm.auto import tqdm
 
-from cosmos3 import conditioning, media
-from cosmos3.request import EMBODIMENTS, GenerateRequest, RequestError
-from cosmos3.sampler import Stream, denoise
-from cosmos3.sequence import pack
-
-if TYPE_CHECKING:
-    from cosmos3.generator import GenerationResult, Generator
+from cosmos3 import media
+from cosmos3.errors import RequestError
+from cosmos3.generation import conditioning
+from cosmos3.generation.parts import Parts
+from cosmos3.generation.request import EMBODIMENTS, GenerateRequest
+from cosmos3.generation.result import GenerationResult
+from cosmos3.generation.sampler import Denoising, Stream
+from cosmos3.model.sequence import pack
 
 logger = logging.getLogger(__name__)
 
@@ -116,83 +116,100 @@ def warn_out_of_range(normalized: np.ndarray, scaled: bool) -> list[int]:
     return far
 
 
-def generate_action(gen: Generator, req: GenerateRequest, progress: bool, on_step) -> GenerationResult:
-    """One action chunk, or `req.chunks` chained chunks, each conditioned on the previous chunk's last frame."""
-    domain_id, width = EMBODIMENTS[req.domain_name]
-    scaler = ActionScaler.from_source(req.action_stats, width) if req.action_stats is not None else None
-    actions = None
-    if req.mode == "forward_dynamics":
-        actions = load_actions(req.action, width)
+class Rollout:
+    """One action chunk, or `req.chunks` chained chunks, each conditioned on the previous chunk's last frame.
+
+    The pipeline drives it: `prepare(k)` -> denoise -> `add(job)` for each chunk, then `result()`."""
+
+    def __init__(self, parts: Parts, req: GenerateRequest):
+        self.parts, self.req = parts, req
+        self.domain_id, self.width = EMBODIMENTS[req.domain_name]
+        self.scaler = ActionScaler.from_source(req.action_stats, self.width) if req.action_stats is not None else None
+        self.actions = self._given_actions() if req.mode == "forward_dynamics" else None
+        if req.image is not None:
+            self.frames = [media.to_pil(media.load_image(req.image, "image"), "image")]
+        else:
+            self.frames = media.load_video(req.video, "video")[0]
+        self.parts_done: list[GenerationResult] = []
+
+    def _given_actions(self) -> np.ndarray:
+        req = self.req
+        actions = load_actions(req.action, self.width)
         needed = req.action_chunk_size * req.chunks
-        if req.chunks > 1 and actions.shape[0] < needed:
+        if actions.shape[0] < req.action_chunk_size * (req.chunks - 1) + 1:
             raise RequestError(
                 "action",
                 f"{actions.shape[0]} steps",
-                f"at least {needed} steps (chunks={req.chunks} x action_chunk_size={req.action_chunk_size})",
+                f"at least {req.action_chunk_size * (req.chunks - 1) + 1} steps and at most {needed} "
+                f"(chunks={req.chunks} x action_chunk_size={req.action_chunk_size}; a short last chunk repeats its "
+                "last step, as the reference does)",
                 "is too short",
             )
         if actions.shape[0] > needed:
-            logger.warning("action has %d steps; only the first %d are used", actions.shape[0], needed)
-        if scaler is not None:
-            actions = scaler.normalize(actions)
-        warn_out_of_range(actions, scaler is not None)
-    if req.image is not None:
-        frames = [media.to_pil(media.load_image(req.image, "image"), "image")]
-    else:
-        frames = media.load_video(req.video, "video")[0]
+            raise RequestError(
+                "action",
+                f"{actions.shape[0]} steps",
+                f"at most {needed} steps (chunks={req.chunks} x action_chunk_size={req.action_chunk_size})",
+                "is too long",
+            )
+        if self.scaler is not None:
+            actions = self.scaler.normalize(actions)
+        warn_out_of_range(actions, self.scaler is not None)
+        return actions
 
-    if req.chunks == 1:
-        result = run_chunk(gen, req, frames, actions, domain_id, width, progress, on_step)
-    else:
-        result = None
-        for k in tqdm(range(req.chunks), desc="chunks", unit="chunk", disable=not progress):
-            chunk_req = dataclasses.replace(req, seed=req.seed + k, chunks=1)
-            chunk_actions = None
-            if actions is not None:
-                chunk_actions = actions[k * req.action_chunk_size : (k + 1) * req.action_chunk_size]
-            part = run_chunk(gen, chunk_req, frames, chunk_actions, domain_id, width, False, on_step)
-            frames = [Image.fromarray(part.video[-1])]
-            result = part if result is None else _stitch(result, part)
-    if result.action is not None and scaler is not None:
-        result.action = scaler.denormalize(result.action)
-    result.metadata["action"] = {
-        "domain_name": req.domain_name,
-        "raw_action_dim": width,
-        "action_space": "raw (denormalised with action_stats)" if scaler is not None else "normalized",
-    }
-    result.metadata.update(mode=req.mode, seed=req.seed, chunks=req.chunks, num_frames=int(result.video.shape[0]))
-    return result
+    def prepare(self, k: int, on_step=None) -> Denoising:
+        """Chunk `k`: its seed is the request's plus k; it starts from the last frame the previous chunk made."""
+        req = dataclasses.replace(self.req, seed=self.req.seed + k, chunks=1)
+        chunk_actions = None
+        if self.actions is not None:
+            chunk_actions = self.actions[k * req.action_chunk_size : (k + 1) * req.action_chunk_size]
+        return prepare_chunk(self.parts, req, self.frames, chunk_actions, self.domain_id, self.width, on_step)
+
+    def add(self, job: Denoising) -> None:
+        part = finish_chunk(self.parts, job, self.width)
+        self.frames = [Image.fromarray(part.video[-1])]
+        self.parts_done.append(part)
+
+    def result(self) -> GenerationResult:
+        result = self.parts_done[0]
+        for nxt in self.parts_done[1:]:  # drop each chunk's first frame: the previous chunk's last, repeated
+            result.video = np.concatenate([result.video, nxt.video[1:]])
+            if result.action is not None:
+                result.action = np.concatenate([result.action, nxt.action])
+            result.latents = torch.cat([result.latents, nxt.latents[:, :, 1:]], dim=2)
+        if result.action is not None and self.scaler is not None:
+            result.action = self.scaler.denormalize(result.action)
+        req = self.req
+        result.metadata["action"] = {
+            "domain_name": req.domain_name,
+            "domain_id": self.domain_id,
+            "raw_action_dim": self.width,
+            "action_space": "raw (denormalised with action_stats)" if self.scaler is not None else "normalized",
+        }
+        result.metadata.update(mode=req.mode, seed=req.seed, chunks=req.chunks, num_frames=int(result.video.shape[0]))
+        result.metadata["computed_steps"] = sum(p.metadata["computed_steps"] for p in self.parts_done)
+        return result
 
 
-def _stitch(first: GenerationResult, nxt: GenerationResult) -> GenerationResult:
-    """Append a chunk, dropping its first frame (the previous chunk's last frame, repeated as conditioning)."""
-    first.video = np.concatenate([first.video, nxt.video[1:]])
-    if first.action is not None:
-        first.action = np.concatenate([first.action, nxt.action])
-    first.latents = torch.cat([first.latents, nxt.latents[:, :, 1:]], dim=2)
-    return first
-
-
-def run_chunk(
-    gen: Generator,
+def prepare_chunk(
+    parts: Parts,
     req: GenerateRequest,
     frames: list[Image.Image],
     actions: np.ndarray | None,
     domain_id: int,
     width: int,
-    progress: bool,
-    on_step,
-) -> GenerationResult:
-    from cosmos3.generator import GenerationResult
-
-    cfg = gen.transformer.config
+    on_step=None,
+) -> Denoising:
+    """The conditioning clip on its canvas, the noise (the reference's draws, in its order) and packed prompts."""
+    cfg = parts.transformer.config
+    video = parts.video
     chunk = req.action_chunk_size
     pixels, (canvas_h, canvas_w), (content_h, content_w) = conditioning.action_canvas(
-        frames, req.resolution, req.num_frames
+        frames, req.resolution, req.num_frames, video.spatial
     )
-    x0 = gen.encode(pixels)
+    x0 = video.encode(pixels)
     # The padding only served the encoder: the model sees the content area (rounded down to the VAE factor).
-    x0 = x0[:, :, :, : max(content_h // gen.spatial, 1), : max(content_w // gen.spatial, 1)].contiguous()
+    x0 = x0[:, :, :, : max(content_h // video.spatial, 1), : max(content_w // video.spatial, 1)].contiguous()
     latent_frames = x0.shape[2]
     clean = list(range(latent_frames)) if req.mode == "inverse_dynamics" else [0]
 
@@ -206,7 +223,7 @@ def run_chunk(
         action_clean = list(range(chunk))
 
     generator = torch.Generator("cpu").manual_seed(req.seed)
-    noise = torch.randn(x0.shape, generator=generator).to(gen.device)
+    noise = torch.randn(x0.shape, generator=generator).to(parts.device)
     latents = noise.clone()
     latents[:, :, clean] = x0[:, :, clean]
     action_noise = torch.randn((chunk, cfg.action_dim), generator=generator)  # drawn even when unused
@@ -214,7 +231,6 @@ def run_chunk(
     action_latents[action_clean] = action_x0[action_clean]
     action_latents[:, width:] = 0
 
-    cond_ids, uncond_ids = gen.prompt_ids(req, canvas_h, canvas_w)
     packs = [
         pack(
             cfg,
@@ -222,21 +238,30 @@ def run_chunk(
             tuple(x0.shape[2:]),
             clean,
             req.fps,
-            gen.temporal,
+            video.temporal,
             action_len=chunk,
             action_clean_frames=action_clean,
             action_domain=domain_id,
-            device=gen.device,
+            device=parts.device,
         )
-        for ids in (cond_ids, uncond_ids)
+        for ids in parts.prompt_ids(req, canvas_h, canvas_w)
     ]
     streams = [
         Stream("vision", latents, clean_frames=clean),
-        Stream("action", action_latents.to(gen.device), clean_frames=action_clean, keep_channels=width),
+        Stream("action", action_latents.to(parts.device), clean_frames=action_clean, keep_channels=width),
     ]
-    out = denoise(gen, packs, streams, req, progress=progress, on_step=on_step)
-    video = gen.decode(out["vision"])
+    return Denoising(packs, streams, req, on_step)
+
+
+def finish_chunk(parts: Parts, job: Denoising, width: int) -> GenerationResult:
+    out = job.latents()
     action = None
-    if req.mode in ("policy", "inverse_dynamics"):
+    if job.req.mode in ("policy", "inverse_dynamics"):
         action = out["action"][:, :width].float().cpu().numpy()
-    return GenerationResult(video=video, fps=req.fps, latents=out["vision"], action=action)
+    return GenerationResult(
+        video=parts.video.decode(out["vision"]),
+        fps=job.req.fps,
+        latents=out["vision"],
+        action=action,
+        metadata={"computed_steps": job.computed_steps},
+    )

@@ -5,17 +5,14 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from cosmos3.request import GenerateRequest
-from cosmos3.sequence import Packed
-
-if TYPE_CHECKING:
-    from cosmos3.generator import Generator
+from cosmos3.errors import Cancelled
+from cosmos3.generation.request import GenerateRequest
+from cosmos3.model.sequence import Packed
 
 
 @dataclass
@@ -59,10 +56,6 @@ class StepCache:
         return False
 
 
-class Cancelled(Exception):
-    """Raised by an `on_step` callback to stop a generation between steps."""
-
-
 def make_scheduler(config: dict, num_steps: int, shift: float | None, native_schedule: bool, device):
     from diffusers import UniPCMultistepScheduler
 
@@ -93,43 +86,42 @@ def as_velocities(v_vision, v_sound, v_action) -> dict[str, torch.Tensor]:
 
 
 @dataclass
-class Job:
-    """One request inside `denoise_batch`: its prompts (packs), streams, request and per-step callback."""
+class Denoising:
+    """One request inside the loop: its prompts (packs: conditional, unconditional), streams and step callback."""
 
     packs: list[Packed]
     streams: list[Stream]
     req: GenerateRequest
     on_step: Callable[[int, int], None] | None = None
     cancelled: bool = False
-    schedulers: dict = field(default_factory=dict)  # set by denoise_batch
+    computed_steps: int = 0  # model evaluations (fewer than steps with step_cache), set by denoise
+    schedulers: dict = field(default_factory=dict)
     caches: list = field(default_factory=list)
-    computed: dict[str, torch.Tensor] = field(default_factory=dict)
+    velocities: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def latents(self) -> dict[str, torch.Tensor]:
+        return {s.name: s.latents for s in self.streams}
 
 
-def denoise(
-    gen: Generator,
-    packs: list[Packed],
-    streams: list[Stream],
-    req: GenerateRequest,
-    progress: bool = True,
-    on_step: Callable[[int, int], None] | None = None,
-) -> dict[str, torch.Tensor]:
-    """Denoise every stream jointly; `packs` = [conditional, unconditional]. Returns final latents by name."""
-    job = Job(packs, streams, req, on_step)
-    denoise_batch(gen, [job], progress=progress)
-    if job.cancelled:
-        raise Cancelled()
-    return {s.name: s.latents for s in streams}
+@dataclass(frozen=True)
+class Schedule:
+    """The checkpoint's scheduler config and whether it uses the native flow sigmas (model_index.json)."""
+
+    config: dict
+    native: bool = False
+
+    def scheduler(self, num_steps: int, shift: float | None, device):
+        return make_scheduler(self.config, num_steps, shift, self.native, device)
 
 
-def denoise_batch(gen: Generator, jobs: list[Job], progress: bool = True) -> None:
+def denoise(model, schedule: Schedule, jobs: list[Denoising], progress: bool = True) -> None:
     """Denoise several requests of one shape and schedule together: each step is one model pass over every
-    request's branches. A job whose `on_step` raises `Cancelled` leaves the batch; the others go on."""
-    device = gen.device
-    dtype = gen.transformer.dtype
+    request's branches. A job whose `on_step` raises `Cancelled` leaves the batch (its `cancelled` is set); the
+    others go on. Latents are updated in place in each job's streams."""
+    device = model.proj_in.weight.device
+    dtype = model.dtype
     first = jobs[0].req
-    scheduler = make_scheduler(gen.scheduler_config, first.num_steps, first.shift, gen.use_native_flow_schedule, device)
-    model = gen.transformer
+    scheduler = schedule.scheduler(first.num_steps, first.shift, device)
     timesteps = scheduler.timesteps
     step_cache = StepCache(first.step_cache, len(timesteps)) if first.step_cache else None
     if step_cache is not None and len(jobs) > 1:
@@ -139,50 +131,61 @@ def denoise_batch(gen: Generator, jobs: list[Job], progress: bool = True) -> Non
         job.schedulers = {s.name: copy.deepcopy(scheduler) for s in job.streams}
         job.packs = job.packs[: 2 if job.req.guidance != 1.0 else 1]
         job.caches = [model.und_cache(p) for p in job.packs]  # the prompts' keys/values, the same at every step
-        job.computed = {}
+        job.velocities = {}
     bar = tqdm(total=len(timesteps), desc="denoising", unit="step", disable=not progress)
     for i, t in enumerate(timesteps):
         active = [job for job in jobs if not job.cancelled]
         if not active:
             break
         if step_cache is None or step_cache.compute(i, active[0].streams[0].latents):
-            branches = [(job, p, c) for job in active for p, c in zip(job.packs, job.caches, strict=True)]
-            inputs = {id(job): {s.name: s.latents.to(dtype) for s in job.streams} for job in active}
-            if len(active) == 1:  # one request: its branches share the noisy tokens (embedded once)
-                only = inputs[id(active[0])]
-                vision, sound, action = only["vision"][0], only.get("sound"), only.get("action")
-            else:
-                vision = [inputs[id(job)]["vision"][0] for job, _, _ in branches]
-                sound = [inputs[id(job)].get("sound") for job, _, _ in branches]
-                action = [inputs[id(job)].get("action") for job, _, _ in branches]
-            # All branches in one pass (see Cosmos3Transformer.forward_gen); t stays on the device.
-            outs = model.forward_gen([p for _, p, _ in branches], [c for _, _, c in branches], vision, t, sound, action)
-            start = 0
+            _velocities(model, active, t, dtype)
             for job in active:
-                v = as_velocities(*outs[start])
-                if len(job.packs) == 2:
-                    uncond = as_velocities(*outs[start + 1])
-                    v = {k: uncond[k] + job.req.guidance * (v[k] - uncond[k]) for k in v}
-                job.computed = v
-                start += len(job.packs)
+                job.computed_steps += 1
         for job in active:
-            v = {k: x.clone() for k, x in job.computed.items()} if step_cache is not None else job.computed
-            for s in job.streams:
-                # Forward-dynamics actions are all given: the reference never steps their scheduler. An all-clean
-                # vision stream (inverse dynamics) is still stepped with zero velocity, as the reference does.
-                if s.name == "action" and s.all_clean:
-                    continue
-                vel = v[s.name]
-                if s.keep_channels is not None:
-                    vel[..., s.keep_channels :] = 0
-                s.latents = job.schedulers[s.name].step(vel[None], t, s.latents[None], return_dict=False)[0][0]
-                if s.keep_channels is not None:
-                    s.latents[..., s.keep_channels :] = 0
-            if job.on_step is not None:
-                try:
-                    job.on_step(i + 1, len(timesteps))
-                except Cancelled:
-                    job.cancelled = True
+            _step(job, i, t, len(timesteps), copy_velocities=step_cache is not None)
         bar.update()
     bar.close()
-    gen.last_computed_steps = step_cache.computed if step_cache is not None else len(timesteps)
+
+
+def _velocities(model, active: list[Denoising], t: torch.Tensor, dtype: torch.dtype) -> None:
+    """One model pass over every branch of every active request; CFG combines each request's branches."""
+    branches = [(job, p, c) for job in active for p, c in zip(job.packs, job.caches, strict=True)]
+    inputs = {id(job): {s.name: s.latents.to(dtype) for s in job.streams} for job in active}
+    if len(active) == 1:  # one request: its branches share the noisy tokens (embedded once)
+        only = inputs[id(active[0])]
+        vision, sound, action = only["vision"][0], only.get("sound"), only.get("action")
+    else:
+        vision = [inputs[id(job)]["vision"][0] for job, _, _ in branches]
+        sound = [inputs[id(job)].get("sound") for job, _, _ in branches]
+        action = [inputs[id(job)].get("action") for job, _, _ in branches]
+    # All branches in one pass (see Cosmos3Transformer.forward_gen); t stays on the device.
+    outs = model.forward_gen([p for _, p, _ in branches], [c for _, _, c in branches], vision, t, sound, action)
+    start = 0
+    for job in active:
+        v = as_velocities(*outs[start])
+        if len(job.packs) == 2:
+            uncond = as_velocities(*outs[start + 1])
+            v = {k: uncond[k] + job.req.guidance * (v[k] - uncond[k]) for k in v}
+        job.velocities = v
+        start += len(job.packs)
+
+
+def _step(job: Denoising, i: int, t: torch.Tensor, steps: int, copy_velocities: bool) -> None:
+    """Advance each of the job's streams by one scheduler step, then report progress (which may cancel it)."""
+    v = {k: x.clone() for k, x in job.velocities.items()} if copy_velocities else job.velocities
+    for s in job.streams:
+        # Forward-dynamics actions are all given: the reference never steps their scheduler. An all-clean
+        # vision stream (inverse dynamics) is still stepped with zero velocity, as the reference does.
+        if s.name == "action" and s.all_clean:
+            continue
+        vel = v[s.name]
+        if s.keep_channels is not None:
+            vel[..., s.keep_channels :] = 0
+        s.latents = job.schedulers[s.name].step(vel[None], t, s.latents[None], return_dict=False)[0][0]
+        if s.keep_channels is not None:
+            s.latents[..., s.keep_channels :] = 0
+    if job.on_step is not None:
+        try:
+            job.on_step(i + 1, steps)
+        except Cancelled:
+            job.cancelled = True

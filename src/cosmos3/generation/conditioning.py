@@ -13,32 +13,16 @@ import torch.nn.functional as F
 from PIL import Image
 
 from cosmos3 import media
-from cosmos3.request import ACTION_TIERS
+from cosmos3.generation.request import ACTION_TIERS
 
-# Action canvases per tier: aspect (H/W) -> (H, W). Inputs are downscaled (never upscaled) and padded into them.
-ACTION_CANVASES: dict[str, dict[float, tuple[int, int]]] = {
-    "256": {1.0: (256, 256), 0.8: (256, 320), 1.25: (320, 256), 0.6: (192, 320), 1.6666666666666667: (320, 192)},
-    "480": {
-        1.0: (640, 640),
-        0.7391304347826086: (544, 736),
-        1.3529411764705883: (736, 544),
-        0.5769230769230769: (480, 832),
-        1.7333333333333334: (832, 480),
-    },
-    "704": {
-        1.0: (960, 960),
-        0.7647058823529411: (832, 1088),
-        1.3076923076923077: (1088, 832),
-        0.55: (704, 1280),
-        1.8181818181818181: (1280, 704),
-    },
-    "720": {
-        1.0: (960, 960),
-        0.7536231884057971: (832, 1104),
-        1.3269230769230769: (1104, 832),
-        0.5625: (720, 1280),
-        1.7777777777777777: (1280, 720),
-    },
+# Action canvases per tier as (H, W), from the reference's action resolution bins (diffusers'
+# `_ACTION_RESOLUTION_BINS`, keyed there by H / W): inputs are downscaled (never upscaled) and padded into the entry
+# nearest in aspect. The order matters: the first entry wins a tie.
+ACTION_CANVASES: dict[str, list[tuple[int, int]]] = {
+    "256": [(256, 256), (256, 320), (320, 256), (192, 320), (320, 192)],
+    "480": [(640, 640), (544, 736), (736, 544), (480, 832), (832, 480)],
+    "704": [(960, 960), (832, 1088), (1088, 832), (704, 1280), (1280, 704)],
+    "720": [(960, 960), (832, 1104), (1104, 832), (720, 1280), (1280, 720)],
 }
 assert set(ACTION_CANVASES) == set(ACTION_TIERS)
 
@@ -68,10 +52,17 @@ def image_to_video_pixels(image: Image.Image | torch.Tensor, num_frames: int, he
 
 
 def video_to_video_pixels(
-    frames: list[Image.Image], num_frames: int, height: int, width: int, clean_latent_frames: list[int], keep: str
+    frames: list[Image.Image],
+    num_frames: int,
+    height: int,
+    width: int,
+    clean_latent_frames: list[int],
+    keep: str,
+    temporal: int,
 ) -> torch.Tensor:
-    """Video-to-video: the first (or last) `4 * max(index) + 1` frames stretched to size, tail repeat-filled."""
-    needed = max(clean_latent_frames) * 4 + 1
+    """Video-to-video: the first (or last) `temporal * max(index) + 1` frames (what the clean latent frames cover)
+    stretched to size, tail repeat-filled."""
+    needed = max(clean_latent_frames) * temporal + 1
     frames = frames[:needed] if keep == "first" else frames[-needed:]
     x = pil_to_unit([f.resize((width, height), resample=Image.BILINEAR) for f in frames])
     used = min(x.shape[2], num_frames)
@@ -82,16 +73,17 @@ def video_to_video_pixels(
 
 
 def action_canvas(
-    frames: list[Image.Image], tier: str, num_frames: int
+    frames: list[Image.Image], tier: str, num_frames: int, spatial: int
 ) -> tuple[torch.Tensor, tuple[int, int], tuple[int, int]]:
     """Action conditioning clip on the tier's canvas; returns (pixels, (canvas_h, canvas_w), (content_h, content_w)).
 
-    Frames are first cropped to multiples of 16 by a bilinear stretch, as the reference's video processor does,
+    Frames are first cropped to multiples of the VAE's spatial factor by a bilinear stretch, as the reference's video
+    processor does,
     the canvas is the tier entry nearest in aspect, then the clip is downscaled (bicubic, antialiased) to fit and
     padded right/bottom (reflect, or replicate when the pad exceeds the content).
     """
     w0, h0 = frames[0].size
-    h, w = h0 - h0 % 16, w0 - w0 % 16
+    h, w = h0 - h0 % spatial, w0 - w0 % spatial
     x = pil_to_unit([f.resize((w, h), resample=Image.BILINEAR) for f in frames])
     canvas_h, canvas_w = canvas_size(h, w, tier)
     if x.shape[2] < num_frames:
@@ -112,5 +104,4 @@ def action_canvas(
 def canvas_size(height: int, width: int, tier: str) -> tuple[int, int]:
     """The (H, W) canvas of `tier` whose aspect H/W is nearest to the input's (first entry wins ties)."""
     ratio = height / width
-    key = min(ACTION_CANVASES[tier], key=lambda r: abs(r - ratio))
-    return ACTION_CANVASES[tier][key]
+    return min(ACTION_CANVASES[tier], key=lambda hw: abs(hw[0] / hw[1] - ratio))

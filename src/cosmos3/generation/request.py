@@ -13,10 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-VIDEO_MODES = ("text2video", "image2video", "video2video")
-VISION_MODES = ("text2image",) + VIDEO_MODES
-ACTION_MODES = ("policy", "forward_dynamics", "inverse_dynamics")
-MODES = VISION_MODES + ACTION_MODES
+from cosmos3 import media
+from cosmos3.errors import RequestError
+from cosmos3.generation.dialects import ACTION_MODES, MODE_ALIASES, MODES, VIDEO_MODES, defaults_for, dialect
 
 FPS_VALUES = (10, 16, 24, 30)
 MIN_FRAMES, MAX_FRAMES = 5, 300
@@ -52,48 +51,30 @@ EMBODIMENTS: dict[str, tuple[int, int | None]] = {
 VIEW_POINTS = ("ego_view", "third_person_view", "wrist_view", "concat_view")
 
 
-# The documents' defaults: 480p tier, 16:9, 189 frames (about 7.9 s at 24 fps), 35 steps, guidance 6.
-DEFAULTS: dict[str, Any] = {
-    "resolution": "480",
-    "aspect_ratio": "16,9",
-    "num_frames": 189,
-    "num_steps": 35,
-    "guidance": 6.0,
-}
-
-
-class RequestError(ValueError):
-    """A request field with a value that is not allowed. `field` names it for every front end."""
-
-    def __init__(self, field: str, value: Any, allowed: str, why: str = "is not allowed"):
-        self.field, self.value, self.allowed = field, value, allowed
-        shown = repr(value)
-        if len(shown) > 80:
-            shown = shown[:77] + "..."
-        super().__init__(f"{field}={shown} {why}; allowed: {allowed}")
-
-
 @dataclass
 class GenerateRequest:
+    """One generation request. Fields left None are filled by `resolved()` from the engine's and the dialect's
+    defaults (`cosmos3.generation.dialects`); `resolved()` is the one place every field is checked."""
+
     mode: str = "text2video"
     prompt: str = ""
     negative_prompt: str | None = None
-    num_frames: int | None = None  # None: 1 for text2image, 189 for video modes, chunk + 1 for action modes
+    num_frames: int | None = None  # None: 1 for text2image, the dialect's for video modes, chunk + 1 for actions
     height: int | None = None  # explicit size wins over resolution/aspect_ratio
     width: int | None = None
     resolution: str | None = None  # tier; for action modes it picks the conditioning canvas
     aspect_ratio: str | None = None
-    fps: float = 24.0
+    fps: float | None = None
     num_steps: int | None = None
     guidance: float | None = None
-    shift: float | None = None  # None: the checkpoint scheduler's flow_shift
-    seed: int = 0
+    shift: float | None = None  # None after resolution: the checkpoint scheduler's flow_shift
+    seed: int | None = None
     image: Any = None  # path, PIL image or HxWx3 uint8 array (image2video; policy/forward_dynamics)
     video: Any = None  # path or list of frames (video2video; any action mode)
     enable_sound: bool = False
-    use_system_prompt: bool | None = None  # None: the checkpoint's default (on for released checkpoints)
-    use_resolution_template: bool = True
-    use_duration_template: bool = True
+    use_system_prompt: bool | None = None  # None after resolution: the checkpoint's default
+    use_resolution_template: bool | None = None
+    use_duration_template: bool | None = None
     condition_frame_indexes_vision: list[int] = field(default_factory=lambda: [0, 1])
     condition_video_keep: str = "first"
     # Action modes.
@@ -107,34 +88,24 @@ class GenerateRequest:
     enable_safety_check: bool = True  # run the engine's guardrail (if it has one) on the prompt and the output
     step_cache: float | None = None  # opt-in: reuse velocities while the input changes less than this (e.g. 0.1)
     name: str | None = None  # names the output in spec files and jobs
+    dialect: str = "python"  # whose defaults fill unset fields: python, framework, vllm_omni, hosted
+    checked: bool = False  # set by resolved(): every field filled and validated
 
     @classmethod
-    def from_dict(cls, raw: dict[str, Any]) -> GenerateRequest:
-        """Build from a Framework-style dict (`model_mode`, `vision_path`, `action_path`, ...).
+    def from_dict(cls, raw: dict[str, Any], dialect_name: str | None = None) -> GenerateRequest:
+        """Build from a dict in a dialect's wire names (`model_mode`, `vision_path`, `num_inference_steps`, ...).
 
         Unknown keys are errors, never silently ignored."""
         raw = dict(raw)
-        aliases = {
-            "model_mode": "mode",
-            "action_path": "action",
-            "num_inference_steps": "num_steps",
-            "guidance_scale": "guidance",
-            "flow_shift": "shift",
-            "image_size": "resolution",
-            "resolution_tier": "resolution",
-            "guardrails": "enable_safety_check",
-            "add_resolution_template": "use_resolution_template",  # diffusers' names
-            "add_duration_template": "use_duration_template",
-            "generate_sound": "enable_sound",  # vLLM-Omni's
-            "action_mode": "mode",
-            "chunk_size": "action_chunk_size",
-            "raw_actions": "action",
-        }
-        for alias, name in aliases.items():
+        name = dialect_name or raw.get("dialect") or "python"
+        raw["dialect"] = name
+        for alias, target in dialect(name).aliases.items():
             if alias in raw:
-                if name in raw:
-                    raise RequestError(alias, raw[alias], f"only one of {alias!r} and {name!r}", "duplicates a field")
-                raw[name] = raw.pop(alias)
+                if target in raw:
+                    raise RequestError(alias, raw[alias], f"only one of {alias!r} and {target!r}", "duplicates a field")
+                raw[target] = raw.pop(alias)
+        if isinstance(raw.get("mode"), str):
+            raw["mode"] = MODE_ALIASES.get(raw["mode"].lower(), raw["mode"])
         vision_path = raw.pop("vision_path", None)
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(raw) - names)
@@ -142,7 +113,7 @@ class GenerateRequest:
             raise RequestError(
                 unknown[0],
                 raw[unknown[0]],
-                ", ".join(sorted(names | {"model_mode", "vision_path"})),
+                ", ".join(sorted((names - {"checked"}) | {"vision_path", *dialect(name).aliases})),
                 "is not a known field",
             )
         req = cls(**raw)
@@ -158,18 +129,34 @@ class GenerateRequest:
     def is_action(self) -> bool:
         return self.mode in ACTION_MODES
 
-    def resolved(self, defaults: dict[str, Any] | None = None) -> GenerateRequest:
+    def resolved(
+        self, engine_defaults: dict[str, Any] | None = None, vae_factors: tuple[int, int] | None = None
+    ) -> GenerateRequest:
         """A copy with defaults filled in and every field checked; raises RequestError naming the first bad field.
 
-        `defaults` (an engine's, e.g. smaller sizes for the tiny model) fill fields left unset, before DEFAULTS.
-        """
+        Unset fields take the engine's defaults (e.g. smaller sizes for the tiny model), then the dialect's.
+        `vae_factors` (spatial, temporal) are the loaded VAE's; without them the checks that need them wait for the
+        engine. A request that is already resolved is returned as it is (resolving twice changes nothing)."""
+        if self.checked:
+            return self
         r = dataclasses.replace(self)
-        for name, value in {**DEFAULTS, **(defaults or {})}.items():
-            if name == "num_frames" and r.mode not in VIDEO_MODES:
-                continue  # text2image is one frame, action modes are action_chunk_size + 1
-            if getattr(r, name) is None:
-                setattr(r, name, value)
         _check_choice("mode", r.mode, MODES)
+        _check_choice("dialect", r.dialect, ("python", "framework", "vllm_omni", "hosted"))
+        engine_defaults = {
+            k: v for k, v in (engine_defaults or {}).items() if k != "num_frames" or r.mode in VIDEO_MODES
+        }
+        if r.width is not None or r.height is not None:  # an explicit size wins over any default tier or size
+            engine_defaults = {k: v for k, v in engine_defaults.items() if k not in ("width", "height")}
+        for name, value in {**defaults_for(r.dialect, r.mode), **engine_defaults}.items():
+            if getattr(r, name) is None and not (name in ("width", "height") and r.resolution is not None):
+                setattr(r, name, value)
+        spatial, temporal = vae_factors or (None, None)
+        if dialect(r.dialect).round_num_frames_up and r.mode in VIDEO_MODES and temporal and r.num_frames:
+            if isinstance(r.num_frames, int) and not isinstance(r.num_frames, bool) and r.num_frames > 0:
+                r.num_frames = temporal * math.ceil((r.num_frames - 1) / temporal) + 1
+        area = dialect(r.dialect).reference_area
+        if area and r.mode in ("image2video", "video2video") and r.width is None and r.height is None and spatial:
+            r.width, r.height = _size_from_reference(r, area, spatial)
         if not isinstance(r.prompt, str):
             raise RequestError("prompt", r.prompt, "a string (plain text or a JSON object serialised as text)")
         if r.negative_prompt is not None and not isinstance(r.negative_prompt, str):
@@ -194,8 +181,23 @@ class GenerateRequest:
         if r.is_action:
             _check_action(r)
         else:
-            _check_vision(r)
+            _check_vision(r, spatial, temporal)
+        if isinstance(r.fps, int):  # one type for the same value, so that equal requests compare equal
+            r.fps = float(r.fps)
+        r.checked = spatial is not None
         return r
+
+
+def _size_from_reference(r: GenerateRequest, area: int, spatial: int) -> tuple[int, int]:
+    """About `area` pixels at the conditioning media's aspect ratio, in multiples of the VAE's spatial factor."""
+    if r.image is not None:
+        w, h = media.to_pil(media.load_image(r.image, "image"), "image").size
+    elif r.video is not None:
+        w, h = media.load_video(r.video, "video")[0][0].size
+    else:
+        return None, None
+    scale = math.sqrt(area / (w * h))
+    return max(spatial, round(w * scale / spatial) * spatial), max(spatial, round(h * scale / spatial) * spatial)
 
 
 def _check_choice(name: str, value: Any, allowed) -> None:
@@ -215,7 +217,7 @@ def _check_number(name: str, value: Any, lo: float, hi: float) -> None:
         raise RequestError(name, value, f"a number from {lo} to {hi}")
 
 
-def _check_vision(r: GenerateRequest) -> None:
+def _check_vision(r: GenerateRequest, spatial: int | None, temporal: int | None) -> None:
     _check_number("fps", r.fps, 1, 120)
     if r.fps not in FPS_VALUES:
         raise RequestError("fps", r.fps, ", ".join(map(str, FPS_VALUES)))
@@ -228,7 +230,7 @@ def _check_vision(r: GenerateRequest) -> None:
         _check_int("num_frames", r.num_frames, MIN_FRAMES, MAX_FRAMES)
     if (r.height is None) != (r.width is None):
         missing = "width" if r.width is None else "height"
-        raise RequestError(missing, None, "an integer multiple of 16 given together with the other side", "is missing")
+        raise RequestError(missing, None, "an integer given together with the other side", "is missing")
     if r.height is None:
         _check_choice("resolution", r.resolution, tuple(RESOLUTIONS))
         _check_choice("aspect_ratio", r.aspect_ratio, tuple(RESOLUTIONS[r.resolution]))
@@ -236,9 +238,9 @@ def _check_vision(r: GenerateRequest) -> None:
     else:
         for name in ("height", "width"):
             value = getattr(r, name)
-            _check_int(name, value, 8, 4096)
-            if value % 8:  # the loaded VAE's own factor (16 for Cosmos 3) is checked by the generator
-                raise RequestError(name, value, "a multiple of the VAE's spatial factor (16 for Cosmos 3), 8 to 4096")
+            _check_int(name, value, 1, 4096)
+            if spatial and value % spatial:
+                raise RequestError(name, value, f"a multiple of {spatial} (this VAE's spatial factor), up to 4096")
     if r.enable_sound and r.num_frames == 1:
         raise RequestError("enable_sound", True, "false for text2image (sound needs a video)")
     needs = {"image2video": "image", "video2video": "video"}
@@ -255,7 +257,7 @@ def _check_vision(r: GenerateRequest) -> None:
             raise RequestError(name, None, f"an {name} (path or array) for mode={r.mode}", "is missing")
     if r.mode == "video2video":
         idx = r.condition_frame_indexes_vision
-        latent_frames = (r.num_frames - 1) // 4 + 1
+        latent_frames = (r.num_frames - 1) // temporal + 1 if temporal else MAX_FRAMES
         allowed = f"a non-empty list of distinct latent frame indexes from 0 to {latent_frames - 1}"
         if (
             isinstance(idx, (str, bytes))

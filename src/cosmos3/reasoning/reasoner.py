@@ -18,10 +18,10 @@ import numpy as np
 import torch
 from PIL import Image
 
+from cosmos3.errors import RequestError
 from cosmos3.media import fetch_bytes
 from cosmos3.model.layers import rope_cos_sin
 from cosmos3.model.transformer import Cosmos3Transformer, KVCache
-from cosmos3.request import RequestError
 
 # The documents' explicit-reasoning instruction, appended to the last user message when `reasoning=True`.
 REASONING_SUFFIX = (

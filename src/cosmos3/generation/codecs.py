@@ -1,0 +1,58 @@
+"""The VAE and the sound codec (diffusers' models) behind one small interface: normalised latents in and out."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+
+class VideoCodec:
+    """diffusers' `AutoencoderKLWan` with the checkpoint's latent normalisation; its factors come from its config."""
+
+    def __init__(self, vae, latent_channels: int):
+        self.vae = vae
+        self.latent_channels = latent_channels
+        self.spatial = int(vae.config.scale_factor_spatial)
+        self.temporal = int(vae.config.scale_factor_temporal)
+        # Stored in the VAE dtype, as the reference does (bf16-rounded with a bf16 VAE).
+        self.mean = torch.tensor(vae.config.latents_mean, dtype=vae.dtype).view(1, -1, 1, 1, 1)
+        self.inv_std = 1.0 / torch.tensor(vae.config.latents_std, dtype=vae.dtype).view(1, -1, 1, 1, 1)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.vae.parameters()).device
+
+    def latent_shape(self, num_frames: int, height: int, width: int) -> tuple[int, int, int, int, int]:
+        frames = (num_frames - 1) // self.temporal + 1
+        return (1, self.latent_channels, frames, height // self.spatial, width // self.spatial)
+
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        """[1, 3, F, H, W] in [-1, 1] -> normalised latents (fp32). Encoder mean, no sampling."""
+        mu = self.vae.encode(pixels.to(self.device, self.vae.dtype)).latent_dist.mode()
+        return ((mu - self.mean.to(mu.device)) * self.inv_std.to(mu.device)).float()
+
+    def decode(self, latents: torch.Tensor) -> np.ndarray:
+        """Normalised latents -> uint8 frames [T, H, W, 3]."""
+        raw = latents.to(self.vae.dtype) / self.inv_std.to(latents.device) + self.mean.to(latents.device)
+        pixels = self.vae.decode(raw).sample.float()  # [1, 3, F, H, W]
+        pixels = (pixels / 2 + 0.5).clamp(0, 1)
+        return (pixels[0].permute(1, 2, 3, 0) * 255).round().to(torch.uint8).cpu().numpy()
+
+
+class SoundCodec:
+    """diffusers' `Cosmos3AVAEAudioTokenizer`: latent length for a clip, and latents -> waveform."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.sample_rate = int(tokenizer.config.sampling_rate)
+
+    def latent_length(self, num_frames: int, fps: float) -> int:
+        samples = int(num_frames / fps * self.sample_rate)
+        return math.ceil(samples / self.tokenizer._hop_size)
+
+    def decode(self, latent: torch.Tensor) -> np.ndarray:
+        """[channels, length] latents -> float32 [audio channels, samples]."""
+        dtype = next(self.tokenizer.parameters()).dtype
+        return self.tokenizer.decode(latent[None].to(dtype))[0].float().cpu().numpy()
