@@ -104,10 +104,12 @@ def write_pipeline(
     seed: int = 0,
     max_shard_tensors: int = 0,
     with_vision: bool = True,
+    vae_spatial: int = 16,
 ) -> Path:
     """Write a complete pipeline folder (model_index.json, transformer/, vae/, scheduler/, text_tokenizer/,
     sound_tokenizer/, and for the Reasoner config.json, pre-processor configs and vision weights) with random
-    weights. `max_shard_tensors` > 0 splits the transformer into indexed shards."""
+    weights. `max_shard_tensors` > 0 splits the transformer into indexed shards. `vae_spatial=8` writes a
+    Wan2.1-style VAE (8x spatial, RGB in and out, no pixel patching) instead of Cosmos 3's 16x Wan2.2-style one."""
     from diffusers import AutoencoderKLWan, UniPCMultistepScheduler
     from diffusers.models.autoencoders.autoencoder_cosmos3_audio import Cosmos3AVAEAudioTokenizer
 
@@ -126,17 +128,22 @@ def write_pipeline(
     torch.manual_seed(seed)
     z = cfg.latent_channel
     gen = torch.Generator().manual_seed(seed + 1)
+    if vae_spatial not in (8, 16):
+        raise ValueError(f"vae_spatial={vae_spatial} is not supported; allowed: 8 (Wan2.1-style), 16 (Cosmos 3)")
+    # Wan2.2-style (Cosmos 3): 2x2 pixel patches (12 channels) and three 2x downsamples = 16x. Wan2.1-style: RGB
+    # pixels and the same three downsamples = 8x. Both compress time 4x (two temporal downsamples).
+    wan22 = vae_spatial == 16
     vae = AutoencoderKLWan(
         base_dim=8,
         z_dim=z,
         dim_mult=[1, 1, 1, 1],
         num_res_blocks=1,
         temperal_downsample=[False, True, True],
-        is_residual=True,
-        in_channels=12,
-        out_channels=12,
-        patch_size=2,
-        scale_factor_spatial=16,
+        is_residual=wan22,
+        in_channels=12 if wan22 else 3,
+        out_channels=12 if wan22 else 3,
+        patch_size=2 if wan22 else None,
+        scale_factor_spatial=vae_spatial,
         scale_factor_temporal=4,
         latents_mean=(0.1 * torch.randn(z, generator=gen)).tolist(),
         latents_std=(1.0 + 0.5 * torch.rand(z, generator=gen)).tolist(),
