@@ -200,7 +200,7 @@ def test_stream_pieces_join_to_the_reply(pair):
 def test_generator_and_reasoner_share_weights(tmp_path):
     engine = cosmos3.load(write_pipeline(tmp_path / "p"))
     assert engine.generator is not None and engine.reasoner is not None
-    assert engine.reasoner.transformer is engine.generator.transformer
+    assert engine.reasoner.transformer is engine.generator.parts.transformer
     assert engine.reason("hi", max_tokens=3) is not None
     only = cosmos3.load(tmp_path / "p", surfaces=["reasoner"])
     assert only.generator is None

@@ -1,7 +1,8 @@
-"""Building blocks of the Mixture-of-Transformers: norms, MLP, rotary embedding, two-pathway attention."""
+"""Building blocks of the Mixture-of-Transformers: norms, MLP, rotary embedding, the attention helper and weights."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -91,22 +92,33 @@ SDPA_PRIORITY = [
 ]
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> torch.Tensor:
-    """SDPA over `[N, heads, head_dim]` tensors with grouped KV heads; returns `[N, heads * head_dim]`."""
-    args = (q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None])
-    if q.is_cuda:
-        with sdpa_kernel(SDPA_PRIORITY, set_priority=True):
-            out = F.scaled_dot_product_attention(*args, is_causal=causal, enable_gqa=True)
-    else:
-        out = F.scaled_dot_product_attention(*args, is_causal=causal, enable_gqa=True)
-    return out[0].transpose(0, 1).flatten(1)
+def attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False, mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Scaled dot-product attention with grouped KV heads: the one place where queries meet keys, so tensor- and
+    sequence-parallel attention (an all-to-all around SDPA) has a single place to hook in.
+
+    q `[B, N, heads, head_dim]`, k and v `[B, M, kv_heads, head_dim]` (the layout the projections make; the batch
+    dimension may be left out); `mask` `[B, 1, N, M]`, True = attend. `causal` aligns the mask to the top left,
+    so it suits N == M only. Returns `[B, N, heads * head_dim]` (or `[N, ...]` without a batch dimension).
+    """
+    unbatched = q.dim() == 3
+    if unbatched:  # the fused SDPA kernels take 4-D inputs only
+        q, k, v = q[None], k[None], v[None]
+    with sdpa_kernel(SDPA_PRIORITY, set_priority=True) if q.is_cuda else contextlib.nullcontext():
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, is_causal=causal, enable_gqa=True
+        )
+    out = out.transpose(1, 2).flatten(2)
+    return out[0] if unbatched else out
 
 
 class MoTAttention(nn.Module):
-    """Two pathways with their own projections and norms.
+    """The attention weights of both pathways, each with its own projections and norms.
 
-    The understanding (text) pathway attends causally to itself. The generation pathway attends,
-    without a mask, to the understanding keys/values followed by its own.
+    The understanding (text) pathway attends causally to itself. The generation pathway attends, without a mask,
+    to the understanding keys/values followed by its own. The layer steps that combine them live in
+    `cosmos3.model.transformer` (one per pathway).
     """
 
     def __init__(self, cfg: TransformerConfig):
@@ -137,31 +149,26 @@ class MoTAttention(nn.Module):
         self.norm_added_q = norm()
         self.norm_added_k = norm()
 
-    def und_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Understanding-pathway q, k (normalised, not yet rotated) and v, `[..., N, heads, head_dim]`."""
-        q = self.norm_q(self.to_q(x).unflatten(-1, (self.num_heads, self.head_dim)))
-        k = self.norm_k(self.to_k(x).unflatten(-1, (self.num_kv_heads, self.head_dim)))
-        v = self.to_v(x).unflatten(-1, (self.num_kv_heads, self.head_dim))
+    def _heads(
+        self, x: torch.Tensor, to_q: nn.Module, to_k: nn.Module, to_v: nn.Module, norm_q: nn.Module, norm_k: nn.Module
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Projections split into heads, `[..., N, heads, head_dim]`, q and k normalised per head."""
+        q = norm_q(to_q(x).unflatten(-1, (self.num_heads, self.head_dim)))
+        k = norm_k(to_k(x).unflatten(-1, (self.num_kv_heads, self.head_dim)))
+        v = to_v(x).unflatten(-1, (self.num_kv_heads, self.head_dim))
         return q, k, v
 
-    def forward(
-        self, und: torch.Tensor, gen: torch.Tensor, rope_und: tuple, rope_gen: tuple
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        q_und, k_und, v_und = self.und_qkv(und)
-        k_und_for_gen = self.k_norm_und_for_gen(k_und) if self.k_norm_und_for_gen is not None else k_und
-        q_und, k_und, k_und_for_gen = (apply_rope(t, *rope_und) for t in (q_und, k_und, k_und_for_gen))
-        q_gen = self.norm_added_q(self.add_q_proj(gen).unflatten(-1, (self.num_heads, self.head_dim)))
-        k_gen = self.norm_added_k(self.add_k_proj(gen).unflatten(-1, (self.num_kv_heads, self.head_dim)))
-        v_gen = self.add_v_proj(gen).unflatten(-1, (self.num_kv_heads, self.head_dim))
-        q_gen, k_gen = apply_rope(q_gen, *rope_gen), apply_rope(k_gen, *rope_gen)
+    def und_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Understanding-pathway q, k, v: normalised, not yet rotated (Edge's extra key norm comes before rotation)."""
+        return self._heads(x, self.to_q, self.to_k, self.to_v, self.norm_q, self.norm_k)
 
-        und_out = attention(q_und, k_und, v_und, causal=True)
-        gen_out = attention(q_gen, torch.cat([k_und_for_gen, k_gen]), torch.cat([v_und, v_gen]), causal=False)
-        return self.to_out(und_out), self.to_add_out(gen_out)
+    def gen_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Generation-pathway q, k, v: normalised, not yet rotated."""
+        return self._heads(x, self.add_q_proj, self.add_k_proj, self.add_v_proj, self.norm_added_q, self.norm_added_k)
 
 
 class MoTDecoderLayer(nn.Module):
-    """Pre-norm residual block; the two token streams run in lock-step with separate norms and MLPs."""
+    """Pre-norm residual block, norms and MLP per pathway; run by `Cosmos3Transformer.und_layer` / `gen_layer`."""
 
     def __init__(self, cfg: TransformerConfig):
         super().__init__()
@@ -173,16 +180,6 @@ class MoTDecoderLayer(nn.Module):
         self.post_attention_layernorm = norm()
         self.input_layernorm_moe_gen = norm()
         self.post_attention_layernorm_moe_gen = norm()
-
-    def forward(
-        self, und: torch.Tensor, gen: torch.Tensor, rope_und: tuple, rope_gen: tuple
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        a_und, a_gen = self.self_attn(self.input_layernorm(und), self.input_layernorm_moe_gen(gen), rope_und, rope_gen)
-        und = und + a_und
-        gen = gen + a_gen
-        und = und + self.mlp(self.post_attention_layernorm(und))
-        gen = gen + self.mlp_moe_gen(self.post_attention_layernorm_moe_gen(gen))
-        return und, gen
 
 
 class TimestepEmbedder(nn.Module):

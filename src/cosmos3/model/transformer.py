@@ -6,6 +6,8 @@ after the renames in `cosmos3.loading.checkpoint`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -21,6 +23,10 @@ from cosmos3.model.layers import (
 )
 from cosmos3.model.sequence import Packed
 
+# Where an understanding layer's keys and values go: called with (layer index, rotated keys, values), returns the keys
+# and values its queries attend to (a cache stores them and returns what it holds).
+KeysValues = Callable[[int, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
 
 class KVCache:
     """Keys and values of the understanding pathway per layer, `[B, max_len, kv_heads, head_dim]`, filled in order."""
@@ -32,10 +38,20 @@ class KVCache:
         self.length = 0
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store `[B, S, ...]` after the `length` held so far; returns everything held, this included."""
         end = self.length + k.shape[1]
         self.k[layer, :, self.length : end] = k
         self.v[layer, :, self.length : end] = v
         return self.k[layer, :, :end], self.v[layer, :, :end]
+
+    def write(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor, at: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store one token per row at slot `at` (`[1]`, a tensor so that a CUDA graph can replay it at the next
+        slot); returns the whole buffers (a mask says which slots count)."""
+        self.k[layer].index_copy_(1, at, k)
+        self.v[layer].index_copy_(1, at, v)
+        return self.k[layer], self.v[layer]
 
 
 def patchify(latent: torch.Tensor, p: int) -> torch.Tensor:
@@ -130,6 +146,11 @@ class Cosmos3Transformer(nn.Module):
             parts.append(a)
         return torch.cat(parts)
 
+    def rope(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin tables `[*shape, head_dim]` for mRoPE position ids `[3, *shape]`, in the model dtype."""
+        cfg = self.config
+        return rope_cos_sin(position_ids, cfg.head_dim, cfg.rope_theta, cfg.rope_axes_dim, self.dtype)
+
     def forward(
         self,
         packed: Packed,
@@ -141,42 +162,100 @@ class Cosmos3Transformer(nn.Module):
         """One denoiser pass over a packed sample.
 
         vision `[C, T, h, w]`, sound `[S, T_s]`, action `[chunk, A]` latents; returns velocities of the same shapes,
-        exactly zero at clean (conditioning) frames.
+        exactly zero at clean (conditioning) frames. The understanding tokens never attend to generation tokens, so
+        this is the prompt's keys and values (`und_cache`) followed by one generation pass (`forward_gen`).
         """
-        cfg = self.config
-        und = self.embed_tokens(packed.input_ids)
-        gen = self.embed_generation_tokens(packed, vision, self.time_embedding(timestep), sound, action)
-        cos, sin = rope_cos_sin(packed.position_ids, cfg.head_dim, cfg.rope_theta, cfg.rope_axes_dim, self.dtype)
-        n = packed.und_len
-        rope_und, rope_gen = (cos[:n], sin[:n]), (cos[n:], sin[n:])
-        for layer in self.layers:
-            und, gen = layer(und, gen, rope_und, rope_gen)
-        gen = self.norm_moe_gen(gen)
-        return self.decode_generation_tokens(packed, gen)
+        return self.forward_gen([packed], [self.und_cache(packed)], vision, timestep, sound, action)[0]
 
-    # ------------------------------------------------------------------ denoising fast path
+    # ------------------------------------------------------------------ understanding pathway
+    def und_layer(
+        self,
+        i: int,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        kv: KeysValues | None = None,
+        causal: bool = False,
+        mask: torch.Tensor | None = None,
+        gen_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+    ) -> torch.Tensor:
+        """Decoder layer `i` on understanding hidden states `[..., N, H]`: the one definition behind the prompt cache
+        of the denoiser and the Reasoner's prefill and decode steps.
+
+        `kv` decides which keys and values the queries attend to (a KV cache); without it the tokens attend to
+        their own, with the `causal` / `mask` of `attention`. `gen_kv`, when given, receives this layer's keys (as
+        generation queries see them, rotated) and values.
+        """
+        layer = self.layers[i]
+        attn = layer.self_attn
+        q, k_raw, v = attn.und_qkv(layer.input_layernorm(x))
+        q, k = apply_rope(q, cos, sin), apply_rope(k_raw, cos, sin)
+        if gen_kv is not None:
+            k_gen = k if attn.k_norm_und_for_gen is None else apply_rope(attn.k_norm_und_for_gen(k_raw), cos, sin)
+            gen_kv.append((k_gen, v))
+        keys, values = kv(i, k, v) if kv is not None else (k, v)
+        x = x + attn.to_out(attention(q, keys, values, causal=causal, mask=mask))
+        return x + layer.mlp(layer.post_attention_layernorm(x))
+
     def und_cache(self, packed: Packed) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per layer, the understanding keys (as generation queries see them, rotated) and values of a prompt.
 
         The understanding tokens never attend to generation tokens, so these are the same at every denoising
         step: computed once per request and prompt instead of once per step."""
-        cfg = self.config
         n = packed.und_len
-        cos, sin = rope_cos_sin(packed.position_ids[:, :n], cfg.head_dim, cfg.rope_theta, cfg.rope_axes_dim, self.dtype)
+        cos, sin = self.rope(packed.position_ids[:, :n])
         x = self.embed_tokens(packed.input_ids)
-        cache = []
-        for i, layer in enumerate(self.layers):
-            attn = layer.self_attn
-            q, k, v = attn.und_qkv(layer.input_layernorm(x))
-            k_for_gen = attn.k_norm_und_for_gen(k) if attn.k_norm_und_for_gen is not None else k
-            cache.append((apply_rope(k_for_gen, cos, sin), v))
-            if i == len(self.layers) - 1:
-                break  # the last layer's understanding output is never used by generation
-            out = attention(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, causal=True)
-            x = x + attn.to_out(out)
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        cache: list[tuple[torch.Tensor, torch.Tensor]] = []
+        for i in range(len(self.layers)):
+            x = self.und_layer(i, x, cos, sin, causal=True, gen_kv=cache)
         return cache
 
+    def causal_forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cache: KVCache,
+        attn_mask: torch.Tensor | None = None,
+        deepstack: tuple[torch.Tensor, list[torch.Tensor]] | None = None,
+    ) -> torch.Tensor:
+        """The understanding pathway alone, as a causal LM over `[B, S, H]` embeddings with a KV cache (Reasoner).
+
+        `attn_mask` (`[B, 1, S, T]`, True = attend) is needed only with padding; without it a prefill is causal and
+        a one-token step sees the whole cache. `deepstack` = (visual token mask `[B, S]`, per-layer features) adds
+        the vision tower's intermediate features after the first layers, as Qwen3-VL does.
+        """
+        causal = attn_mask is None and cache.length == 0 and x.shape[1] > 1
+        for i in range(len(self.layers)):
+            x = self.und_layer(i, x, cos, sin, kv=cache.update, causal=causal, mask=attn_mask)
+            if deepstack is not None and i < len(deepstack[1]):
+                x = x.clone()
+                x[deepstack[0]] = x[deepstack[0]] + deepstack[1][i].to(x.dtype)
+        cache.length += x.shape[1]
+        return self.norm(x)
+
+    def decode_step(
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor,
+        cache: KVCache,
+        write_at: torch.Tensor,
+        slots: torch.Tensor,
+    ) -> torch.Tensor:
+        """One new token per row with static shapes, so that a CUDA graph can capture it (Reasoner decoding).
+
+        tokens `[B]`, positions `[3, B, 1]`, write_at `[1]` (the cache slot of this token), slots `[B, max_len]`
+        (True where the cache holds a token to attend to, this one included). Returns fp32 logits `[B, vocab]`.
+        """
+        x = self.embed_tokens(tokens)[:, None]
+        cos, sin = self.rope(positions)
+        mask = slots[:, None, None, :]
+        write = lambda i, k, v: cache.write(i, k, v, write_at)
+        for i in range(len(self.layers)):
+            x = self.und_layer(i, x, cos, sin, kv=write, mask=mask)
+        return self.lm_head(self.norm(x)[:, -1]).float()
+
+    # ------------------------------------------------------------------ generation pathway
     def forward_gen(
         self,
         packs: list[Packed],
@@ -190,11 +269,10 @@ class Cosmos3Transformer(nn.Module):
         """One denoising pass for several branches of the same shape, batched: the CFG branches of a request
         (sharing its noisy tokens: pass tensors), or those of several requests (pass one latent per branch).
 
-        Same arithmetic as `forward` for each branch, but the understanding pathway comes from `und_cache`, and
-        the generation projections and MLPs run once over every branch's rows (`rows_per_chunk` bounds the MLP's
-        activation memory). Attention runs per branch: the branches attend to prompts of different lengths.
+        The understanding pathway comes from `und_cache`; the generation projections and MLPs run once over every
+        branch's rows (`rows_per_chunk` bounds the MLP's activation memory). Attention runs per branch: the
+        branches attend to prompts of different lengths.
         """
-        cfg = self.config
         branches = len(packs)
         shared = not isinstance(vision, list)
         per_branch = (lambda v: [v] * branches) if shared else (lambda v: v if isinstance(v, list) else [v] * branches)
@@ -219,10 +297,7 @@ class Cosmos3Transformer(nn.Module):
                 ]
             )
             tokens = x.shape[0] // branches
-        tables = [
-            rope_cos_sin(p.position_ids[:, p.und_len :], cfg.head_dim, cfg.rope_theta, cfg.rope_axes_dim, self.dtype)
-            for p in packs
-        ]
+        tables = [self.rope(p.position_ids[:, p.und_len :]) for p in packs]
         cos = torch.cat([t[0] for t in tables])
         sin = torch.cat([t[1] for t in tables])
         gen_layer = self.compiled_gen_layer or self.gen_layer
@@ -240,96 +315,22 @@ class Cosmos3Transformer(nn.Module):
         und_kv: list[tuple[torch.Tensor, torch.Tensor]],
         rows_per_chunk: int,
     ) -> torch.Tensor:
-        """One decoder layer on the generation rows of every branch (`x` = branches stacked along rows)."""
+        """One decoder layer on the generation rows of every branch (`x` = branches stacked along rows); branch b
+        attends to its prompt's keys and values `und_kv[b]` followed by its own."""
         attn = layer.self_attn
         tokens = x.shape[0] // len(und_kv)
-        h = layer.input_layernorm_moe_gen(x)
-        q = apply_rope(attn.norm_added_q(attn.add_q_proj(h).unflatten(-1, (attn.num_heads, attn.head_dim))), cos, sin)
-        k = apply_rope(
-            attn.norm_added_k(attn.add_k_proj(h).unflatten(-1, (attn.num_kv_heads, attn.head_dim))), cos, sin
-        )
-        v = attn.add_v_proj(h).unflatten(-1, (attn.num_kv_heads, attn.head_dim))
+        q, k, v = attn.gen_qkv(layer.input_layernorm_moe_gen(x))
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         outs = []
         for b, (k_und, v_und) in enumerate(und_kv):
             rows = slice(b * tokens, (b + 1) * tokens)
-            outs.append(attention(q[rows], torch.cat([k_und, k[rows]]), torch.cat([v_und, v[rows]]), causal=False))
+            outs.append(attention(q[rows], torch.cat([k_und, k[rows]]), torch.cat([v_und, v[rows]])))
         x = x + attn.to_add_out(torch.cat(outs))
 
         def mlp(rows: torch.Tensor) -> torch.Tensor:
             return rows + layer.mlp_moe_gen(layer.post_attention_layernorm_moe_gen(rows))
 
         return mlp(x) if x.shape[0] <= rows_per_chunk else torch.cat([mlp(c) for c in x.split(rows_per_chunk)])
-
-    def decode_step(
-        self,
-        tokens: torch.Tensor,
-        positions: torch.Tensor,
-        cache: KVCache,
-        write_at: torch.Tensor,
-        slots: torch.Tensor,
-    ) -> torch.Tensor:
-        """One new token per row with static shapes, so that a CUDA graph can capture it (Reasoner decoding).
-
-        tokens `[B]`, positions `[3, B, 1]`, write_at `[1]` (the cache slot of this token), slots `[B, max_len]`
-        (True where the cache holds a token to attend to, this one included). Returns fp32 logits `[B, vocab]`.
-        """
-        cfg = self.config
-        x = self.embed_tokens(tokens)[:, None]
-        cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, cfg.rope_axes_dim, self.dtype)
-        mask = slots[:, None, None, :]
-        for i, layer in enumerate(self.layers):
-            attn = layer.self_attn
-            q, k, v = attn.und_qkv(layer.input_layernorm(x))
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-            cache.k[i].index_copy_(1, write_at, k)
-            cache.v[i].index_copy_(1, write_at, v)
-            out = torch.nn.functional.scaled_dot_product_attention(
-                q.transpose(1, 2),
-                cache.k[i].transpose(1, 2),
-                cache.v[i].transpose(1, 2),
-                attn_mask=mask,
-                enable_gqa=True,
-            )
-            x = x + attn.to_out(out.transpose(1, 2).flatten(2))
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
-        return self.lm_head(self.norm(x)[:, -1]).float()
-
-    def causal_forward(
-        self,
-        x: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        cache: KVCache,
-        attn_mask: torch.Tensor | None = None,
-        deepstack: tuple[torch.Tensor, list[torch.Tensor]] | None = None,
-    ) -> torch.Tensor:
-        """The understanding pathway alone, as a causal LM over `[B, S, H]` embeddings with a KV cache (Reasoner).
-
-        `attn_mask` (`[B, 1, S, T]`, True = attend) is needed only with padding; without it a prefill is causal and
-        a one-token step sees the whole cache. `deepstack` = (visual token mask `[B, S]`, per-layer features) adds
-        the vision tower's intermediate features after the first layers, as Qwen3-VL does.
-        """
-        start, length = cache.length, x.shape[1]
-        for i, layer in enumerate(self.layers):
-            attn = layer.self_attn
-            q, k, v = attn.und_qkv(layer.input_layernorm(x))
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-            keys, values = cache.update(i, k, v)
-            out = torch.nn.functional.scaled_dot_product_attention(
-                q.transpose(1, 2),
-                keys.transpose(1, 2),
-                values.transpose(1, 2),
-                attn_mask=attn_mask,
-                is_causal=attn_mask is None and start == 0 and length > 1,
-                enable_gqa=True,
-            )
-            x = x + attn.to_out(out.transpose(1, 2).flatten(2))
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
-            if deepstack is not None and i < len(deepstack[1]):
-                x = x.clone()
-                x[deepstack[0]] = x[deepstack[0]] + deepstack[1][i].to(x.dtype)
-        cache.length += length
-        return self.norm(x)
 
     def decode_generation_tokens(self, packed: Packed, gen: torch.Tensor):
         cfg = self.config
