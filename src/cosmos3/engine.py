@@ -28,6 +28,8 @@ from cosmos3.loading.components import (
     resolve_path,
 )
 from cosmos3.loading.config import TransformerConfig
+from cosmos3.parallel.launch import on_all_ranks
+from cosmos3.parallel.layout import SINGLE, Groups, Layout
 from cosmos3.reasoning.reasoner import Reasoner, Sampling
 
 logger = logging.getLogger(__name__)
@@ -59,8 +61,14 @@ class Engine:
         compile: bool = False,
         guardrails: bool | Guardrail | None = None,
         vae_tiling: bool = False,
+        layerwise_offload: bool = False,
+        groups: Groups = SINGLE,
     ):
         from transformers import AutoTokenizer
+
+        self.groups = groups
+        if not groups.leader:  # rank 0 checks prompts and outputs for every rank
+            guardrails = False
 
         self.path = path
         self.device = torch.device(device)
@@ -129,6 +137,7 @@ class Engine:
             tokenizer=tokenizer,
             schedule=Schedule(scheduler_config, native=index.get("use_native_flow_schedule", False)),
             default_use_system_prompt=index.get("default_use_system_prompt", True),
+            groups=self.groups,
         )
 
     def _load_guardrail(self, path: Path, guardrails: bool | Guardrail | None) -> Guardrail | None:
@@ -190,7 +199,14 @@ class Engine:
         """`engine.generate(mode="text2video", prompt="...", ...)`; see `GenerateRequest` for every field.
         `on_step(step, steps)` is called after every denoising step; raising `cosmos3.errors.Cancelled` stops."""
         generator = self._generator(fields.get("mode", "generate"))
-        return generator.generate(self.request(request, **fields), progress=progress, on_step=on_step)
+        req = self.request(request, **fields)
+        refusal = generator.admit([req])[0]
+        if refusal is not None:
+            raise refusal
+        outcome = self._run([req], [on_step], progress)[0]
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
 
     @torch.inference_mode()
     def generate_batch(
@@ -200,7 +216,22 @@ class Engine:
         passes (each keeps its own prompt, seed and guidance; the outputs equal separate runs). Each request gets
         its own outcome: its result, the RequestError that refused it, or Cancelled."""
         generator = self._generator("generate")
-        return generator.generate_batch([self.request(r) for r in requests], on_steps)
+        reqs = [self.request(r) for r in requests]
+        on_steps = on_steps or [None] * len(reqs)
+        outcomes: list = generator.admit(reqs)
+        admitted = [i for i, refusal in enumerate(outcomes) if refusal is None]
+        ran = self._run([reqs[i] for i in admitted], [on_steps[i] for i in admitted])
+        for i, outcome in zip(admitted, ran, strict=True):
+            outcomes[i] = outcome
+        return outcomes
+
+    @torch.inference_mode()
+    def _run(self, reqs: list[GenerateRequest], on_steps: list | None = None, progress: bool = False) -> list:
+        """Admitted requests through the Generator, on every rank of a parallel layout (rank 0 shares them)."""
+        if not reqs:
+            return []
+        on_all_ranks(self.groups, "_run", reqs)
+        return self.generator.run(reqs, on_steps or [None] * len(reqs), progress and self.groups.leader)
 
     def batch_key(self, request: GenerateRequest) -> tuple | None:
         """Resolved requests with equal keys can run in one `generate_batch`; None: this one runs alone."""
@@ -245,35 +276,54 @@ def _as_messages(messages: list[dict] | str) -> list[dict]:
 
 def load(
     model: str | Path = "tiny",
-    device: str | torch.device = "cpu",
-    dtype: str | torch.dtype = "float32",
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
     surfaces: tuple[str, ...] | list[str] | None = None,
     fp8: bool = False,
     compile: bool = False,
     guardrails: bool | Guardrail | None = None,
     vae_tiling: bool = False,
+    tensor_parallel_size: int = 1,
+    cfg_parallel_size: int = 1,
+    ulysses_degree: int = 1,
+    layerwise_offload: bool = False,
 ) -> Engine:
     """Load `"tiny"`, a local checkpoint folder, or a cached hub id (e.g. `"nvidia/Cosmos3-Nano"`).
 
+    `device`/`dtype`: CUDA and bfloat16 when a GPU is present, else the CPU and float32.
     `surfaces=["reasoner"]` skips the generation pathway, VAE and audio codec (about half the memory).
     Opt-in speed options (see benchmarks/README.md for their effect on speed and output): `fp8=True` runs the
     generation pathway's matmuls in FP8 (Hopper), `compile=True` torch.compiles the generation layer,
     `vae_tiling=True` decodes the video in tiles to bound memory.
+    Beyond one GPU (seed 001; the world size is the product of the three degrees): `tensor_parallel_size` splits
+    every layer's heads and MLP over GPUs, `cfg_parallel_size=2` runs the two guidance branches on two GPUs,
+    `ulysses_degree` splits the generated tokens over GPUs. This process becomes rank 0 and starts the other
+    ranks itself (or joins them under `torchrun`). `layerwise_offload=True` keeps the transformer layers in
+    pinned CPU memory and streams them to the GPU a layer ahead of use.
     `guardrails`: None follows the checkpoint (on for released ones: the `cosmos_guardrail` package must be
     installed, or loading fails saying how to get it), False turns them off, or pass your own checker object
     with `check_text(prompt) -> bool` and `check_video(frames) -> frames | None`."""
+    cuda = torch.cuda.is_available()
+    device = torch.device(device or ("cuda" if cuda else "cpu"))
+    dtype = dtype or ("bfloat16" if device.type == "cuda" else "float32")
     if isinstance(dtype, str) and dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r} is not supported; allowed: {', '.join(DTYPES)}")
+    layout = Layout(tensor_parallel_size, cfg_parallel_size, ulysses_degree)
     path = resolve_path(model)
     if surfaces is None:  # everything the folder holds
         surfaces = SURFACES if (path / "transformer" / "config.json").is_file() else ("reasoner",)
-    return Engine(
-        path,
-        device=device,
+    options = dict(
+        path=path,
         dtype=dtype,
-        surfaces=surfaces,
+        surfaces=tuple(surfaces),
         fp8=fp8,
         compile=compile,
-        guardrails=guardrails,
         vae_tiling=vae_tiling,
+        layerwise_offload=layerwise_offload,
     )
+    groups = SINGLE
+    if layout.world_size > 1:
+        from cosmos3.parallel.launch import start
+
+        groups, device = start(layout, device, Engine, {**options, "guardrails": False})
+    return Engine(device=device, guardrails=guardrails, groups=groups, **options)

@@ -10,6 +10,7 @@ from cosmos3.generation import text
 from cosmos3.generation.codecs import SoundCodec, VideoCodec
 from cosmos3.generation.request import GenerateRequest
 from cosmos3.generation.sampler import Schedule
+from cosmos3.parallel.layout import SINGLE, Groups
 
 
 @dataclass
@@ -20,6 +21,7 @@ class Parts:
     tokenizer: object
     schedule: Schedule
     default_use_system_prompt: bool = True  # model_index.json; on for released checkpoints
+    groups: Groups = SINGLE  # this process's place in a parallel layout
 
     @property
     def device(self) -> torch.device:

@@ -69,50 +69,69 @@ class Generator:
         """Run requests of one shape and schedule (`batch_key`) in shared denoising passes; an action-mode request
         runs alone. Each request keeps its own outcome: its result, the RequestError that refused it (unsupported
         field, guardrail), or Cancelled when its `on_step` stopped it; the others are not affected."""
+        refusals = self.admit(reqs)
+        admitted = [i for i, refusal in enumerate(refusals) if refusal is None]
+        on_steps = on_steps or [None] * len(reqs)
+        outcomes: list = list(refusals)
+        ran = self.run([reqs[i] for i in admitted], [on_steps[i] for i in admitted], progress)
+        for i, outcome in zip(admitted, ran, strict=True):
+            outcomes[i] = outcome
+        return outcomes
+
+    def admit(self, reqs: list[GenerateRequest]) -> list[RequestError | None]:
+        """Each request's refusal (what the checkpoint cannot do, or the prompt guardrail's), or None."""
         if len(reqs) > 1:
             key = batch_key(reqs[0])
             if key is None or any(batch_key(r) != key for r in reqs):
                 raise ValueError("generate_batch takes text2image / text2video requests of one shape and schedule")
-        on_steps = on_steps or [None] * len(reqs)
-        outcomes: list = [None] * len(reqs)
-        admitted = []
-        for i, req in enumerate(reqs):
+        refusals: list[RequestError | None] = []
+        for req in reqs:
             try:
                 self.check_supported(req)
                 check_prompt(self._guardrail(req), req.prompt)
             except RequestError as exc:
-                outcomes[i] = exc
+                refusals.append(exc)
             else:
-                admitted.append(i)
-        if admitted and reqs[admitted[0]].is_action:
+                refusals.append(None)
+        return refusals
+
+    def run(
+        self, reqs: list[GenerateRequest], on_steps: list[OnStep | None], progress: bool = False
+    ) -> list[GenerationResult | RequestError | Cancelled]:
+        """prepare -> denoise -> finish for admitted requests (see `admit`); the output guardrail at the end."""
+        outcomes: list = [None] * len(reqs)
+        if reqs and reqs[0].is_action:
             try:
                 outcomes[0] = self._rollout(reqs[0], on_steps[0], progress)
             except RequestError as exc:  # unreadable media or actions
                 outcomes[0] = exc
-        elif admitted:
+        elif reqs:
             jobs = {}
-            for i in admitted:
+            for i, req in enumerate(reqs):
                 try:
-                    jobs[i] = vision.prepare(self.parts, reqs[i], on_steps[i])
+                    jobs[i] = vision.prepare(self.parts, req, on_steps[i])
                 except RequestError as exc:  # unreadable media
                     outcomes[i] = exc
             if jobs:
-                denoise(self.parts.transformer, self.parts.schedule, list(jobs.values()), progress=progress)
+                self._denoise(list(jobs.values()), progress)
             for i, job in jobs.items():
                 outcomes[i] = Cancelled(reqs[i].name) if job.cancelled else vision.finish(self.parts, job)
-        for i, outcome in enumerate(outcomes):
+        for req, outcome in zip(reqs, outcomes, strict=True):
             if isinstance(outcome, GenerationResult):
-                guardrail = self._guardrail(reqs[i])
+                guardrail = self._guardrail(req)
                 outcome.video = check_output(guardrail, outcome.video)  # sound and actions are not checked
                 outcome.metadata["guardrails"] = guardrail is not None
         return outcomes
+
+    def _denoise(self, jobs, progress: bool) -> None:
+        denoise(self.parts.transformer, self.parts.schedule, jobs, progress=progress, groups=self.parts.groups)
 
     def _rollout(self, req: GenerateRequest, on_step: OnStep | None, progress: bool) -> GenerationResult | Cancelled:
         rollout = actions.Rollout(self.parts, req)
         chained = req.chunks > 1
         for k in tqdm(range(req.chunks), desc="chunks", unit="chunk", disable=not (progress and chained)):
             job = rollout.prepare(k, on_step)
-            denoise(self.parts.transformer, self.parts.schedule, [job], progress=progress and not chained)
+            self._denoise([job], progress=progress and not chained)
             if job.cancelled:
                 return Cancelled(req.name)
             rollout.add(job)

@@ -8,11 +8,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from cosmos3.errors import Cancelled
 from cosmos3.generation.request import GenerateRequest
 from cosmos3.model.sequence import Packed
+from cosmos3.parallel.collectives import all_gather_tensors, leader_flags
+from cosmos3.parallel.layout import SINGLE, Groups
 
 
 @dataclass
@@ -95,6 +98,7 @@ class Denoising:
     on_step: Callable[[int, int], None] | None = None
     cancelled: bool = False
     computed_steps: int = 0  # model evaluations (fewer than steps with step_cache), set by denoise
+    branches: list[int] = field(default_factory=list)  # which packs this rank evaluates (CFG parallel: one)
     schedulers: dict = field(default_factory=dict)
     caches: list = field(default_factory=list)
     velocities: dict[str, torch.Tensor] = field(default_factory=dict)
@@ -114,10 +118,13 @@ class Schedule:
         return make_scheduler(self.config, num_steps, shift, self.native, device)
 
 
-def denoise(model, schedule: Schedule, jobs: list[Denoising], progress: bool = True) -> None:
+def denoise(model, schedule: Schedule, jobs: list[Denoising], progress: bool = True, groups: Groups = SINGLE) -> None:
     """Denoise several requests of one shape and schedule together: each step is one model pass over every
     request's branches. A job whose `on_step` raises `Cancelled` leaves the batch (its `cancelled` is set); the
-    others go on. Latents are updated in place in each job's streams."""
+    others go on. Latents are updated in place in each job's streams.
+
+    With CFG parallel (`groups.cfg`), each of the two ranks runs one branch of every guided request and the
+    velocities are exchanged once per step; every rank then steps the same latents, so all stay equal."""
     device = model.proj_in.weight.device
     dtype = model.dtype
     first = jobs[0].req
@@ -130,26 +137,37 @@ def denoise(model, schedule: Schedule, jobs: list[Denoising], progress: bool = T
         # UniPC keeps a history per instance, so every modality of every request steps its own copy.
         job.schedulers = {s.name: copy.deepcopy(scheduler) for s in job.streams}
         job.packs = job.packs[: 2 if job.req.guidance != 1.0 else 1]
-        job.caches = [model.und_cache(p) for p in job.packs]  # the prompts' keys/values, the same at every step
         job.velocities = {}
+    split_cfg = groups.cfg is not None and all(len(job.packs) == 2 for job in jobs)
+    for job in jobs:
+        job.branches = [groups.cfg_rank] if split_cfg else list(range(len(job.packs)))
+        # The prompts' keys/values, the same at every step.
+        job.caches = [model.und_cache(job.packs[b]) for b in job.branches]
     bar = tqdm(total=len(timesteps), desc="denoising", unit="step", disable=not progress)
     for i, t in enumerate(timesteps):
         active = [job for job in jobs if not job.cancelled]
         if not active:
             break
         if step_cache is None or step_cache.compute(i, active[0].streams[0].latents):
-            _velocities(model, active, t, dtype)
+            _velocities(model, active, t, dtype, groups.cfg if split_cfg else None)
             for job in active:
                 job.computed_steps += 1
         for job in active:
             _step(job, i, t, len(timesteps), copy_velocities=step_cache is not None)
+        if groups.distributed:  # the leader's clients decide cancellation; every rank must stop together
+            agreed = leader_flags([job.cancelled for job in active], device)
+            for job, cancelled in zip(active, agreed, strict=True):
+                job.cancelled = cancelled
         bar.update()
     bar.close()
 
 
-def _velocities(model, active: list[Denoising], t: torch.Tensor, dtype: torch.dtype) -> None:
-    """One model pass over every branch of every active request; CFG combines each request's branches."""
-    branches = [(job, p, c) for job in active for p, c in zip(job.packs, job.caches, strict=True)]
+def _velocities(
+    model, active: list[Denoising], t: torch.Tensor, dtype: torch.dtype, cfg_group: dist.ProcessGroup | None
+) -> None:
+    """One model pass over every branch of every active request (with CFG parallel: this rank's branch of each,
+    then the other rank's velocities gathered); CFG combines each request's branches."""
+    branches = [(job, job.packs[b], c) for job in active for b, c in zip(job.branches, job.caches, strict=True)]
     inputs = {id(job): {s.name: s.latents.to(dtype) for s in job.streams} for job in active}
     if len(active) == 1:  # one request: its branches share the noisy tokens (embedded once)
         only = inputs[id(active[0])]
@@ -160,6 +178,14 @@ def _velocities(model, active: list[Denoising], t: torch.Tensor, dtype: torch.dt
         action = [inputs[id(job)].get("action") for job, _, _ in branches]
     # All branches in one pass (see Cosmos3Transformer.forward_gen); t stays on the device.
     outs = model.forward_gen([p for _, p, _ in branches], [c for _, _, c in branches], vision, t, sound, action)
+    if cfg_group is not None:  # this rank's branch of every request -> both branches of every request, in order
+        present = [[x is not None for x in out] for out in outs]
+        by_rank = all_gather_tensors([x for out in outs for x in out if x is not None], cfg_group)
+        gathered = []
+        for rank_tensors in by_rank:  # rank 0 holds the conditional branches, rank 1 the unconditional ones
+            pieces = iter(rank_tensors)
+            gathered.append([tuple(next(pieces) if p else None for p in mask) for mask in present])
+        outs = [gathered[r][k] for k in range(len(present)) for r in range(len(by_rank))]
     start = 0
     for job in active:
         v = as_velocities(*outs[start])
