@@ -12,6 +12,10 @@ from transformers.video_utils import VideoMetadata
 import cosmos3
 from cosmos3.loading.config import preset
 from cosmos3.loading.tiny import build_tokenizer, write_pipeline, write_reasoner_config
+from cosmos3.reasoning import messages
+from cosmos3.reasoning.decoding import Sampling, token_stream
+from cosmos3.reasoning.messages import REASONING_SUFFIX
+from cosmos3.reasoning.reasoner import split_reasoning
 
 from reference import randomize
 
@@ -157,11 +161,8 @@ def test_logits_and_greedy_tokens_match(pair, case):
     with torch.no_grad():
         ref_tokens = ref.generate(**inputs, max_new_tokens=20, do_sample=False)[0, inputs["input_ids"].shape[1] :]
     prompt = engine.reasoner.encode(ours_messages)
-    ours_tokens = [
-        t[0]
-        for t in engine.reasoner.token_stream([prompt], cosmos3.reasoning.reasoner.Sampling(max_tokens=20))
-        if t[0] is not None
-    ]
+    stream = token_stream(engine.reasoner.transformer, [prompt], Sampling(max_tokens=20), engine.reasoner.eos_token_ids)
+    ours_tokens = [t[0] for t in stream if t[0] is not None]
     assert ours_tokens == ref_tokens.tolist()[: len(ours_tokens)]
     assert len(ours_tokens) == 20 or ref_tokens[len(ours_tokens)] == engine.reasoner.tokenizer.eos_token_id
 
@@ -238,7 +239,7 @@ def test_bad_messages_name_the_problem(pair, messages, field):
 
 def test_limits_are_stated(pair, monkeypatch):
     _, engine = pair
-    monkeypatch.setattr(cosmos3.reasoning.reasoner, "MAX_IMAGE_PIXELS", 1000)
+    monkeypatch.setattr(messages, "MAX_IMAGE_PIXELS", 1000)
     with pytest.raises(cosmos3.RequestError, match="up to 1,000 pixels"):
         engine.reason([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": image(1)}}]}])
     with pytest.raises(cosmos3.RequestError, match="max_tokens"):
@@ -246,8 +247,6 @@ def test_limits_are_stated(pair, monkeypatch):
 
 
 def test_reasoning_format(pair):
-    from cosmos3.reasoning.reasoner import REASONING_SUFFIX, split_reasoning
-
     _, engine = pair
     prompt = engine.reasoner.encode([{"role": "user", "content": "Is the cup stable?"}], reasoning=True)
     assert "</think>" in engine.reasoner.tokenizer.decode(prompt.input_ids) and "</think>" in REASONING_SUFFIX
