@@ -37,6 +37,22 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     p.add_argument("--dtype", default=None, help="float32 or bfloat16 (default: bfloat16 on GPU, float32 on CPU)")
+    p.add_argument(
+        "--surfaces", type=lambda v: v.split(","), help="generator,reasoner (default: what the folder holds)"
+    )
+    p.add_argument("--fp8", action="store_true", help="FP8 matmuls in the generation pathway (Hopper)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the generation layer")
+    p.add_argument("--vae-tiling", action="store_true", help="decode the video in tiles (less memory)")
+    # Seed 001's scaling flags; the world size is their product. Started here, one process per GPU (or torchrun).
+    p.add_argument("--tensor-parallel-size", type=int, default=1, help="split heads and MLPs over N GPUs")
+    p.add_argument("--cfg-parallel-size", type=int, default=1, choices=(1, 2), help="2: the CFG branches on 2 GPUs")
+    p.add_argument("--ulysses-degree", type=int, default=1, help="split the generated tokens over K GPUs")
+    p.add_argument(
+        "--enable-layerwise-offload",
+        dest="layerwise_offload",
+        action="store_true",
+        help="keep the transformer layers in CPU memory, streamed to the GPU a layer ahead",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -76,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--action-stats", help="JSON per-channel normalization statistics for raw actions")
     g.add_argument("--view-point")
     g.add_argument("--chunks", type=int, help="chain N policy / forward_dynamics chunks into one rollout")
+    g.add_argument("--step-cache", type=float, help="reuse velocities while the input changes less than this (0.05)")
 
     r = sub.add_parser("reason", help="text from text, images and video")
     add_model_args(r)
@@ -159,6 +176,7 @@ FLAG_FIELDS = (
     "action_stats",
     "view_point",
     "chunks",
+    "step_cache",
 )
 
 
@@ -210,12 +228,11 @@ def _guardrails(args: argparse.Namespace):
     return obj() if isinstance(obj, type) else obj
 
 
-def _device_dtype(args) -> tuple[str, str]:
-    import torch
-
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
-    return device, dtype
+def _engine_options(args: argparse.Namespace, **overrides: Any) -> dict[str, Any]:
+    """The keyword arguments of `cosmos3.load` that the model flags set."""
+    names = ("device", "dtype", "surfaces", "fp8", "compile", "vae_tiling", "layerwise_offload")
+    names += ("tensor_parallel_size", "cfg_parallel_size", "ulysses_degree")
+    return {**{name: getattr(args, name) for name in names}, **overrides}
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -225,7 +242,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     defaults = TINY_DEFAULTS if args.model == "tiny" else {}
     for req, _ in jobs:
         req.resolved(defaults)  # fail fast, before the model loads (the VAE-dependent checks wait for it)
-    engine = load(args.model, *_device_dtype(args), guardrails=_guardrails(args))
+    engine = load(args.model, **_engine_options(args, guardrails=_guardrails(args)))
     for req, output in jobs:
         resolved = engine.request(req)
         result = engine.generate(resolved)
@@ -253,7 +270,7 @@ def cmd_reason(args: argparse.Namespace) -> int:
         seed=args.seed,
         reasoning=args.reasoning,
     )
-    engine = load(args.model, *_device_dtype(args), surfaces=["reasoner"])
+    engine = load(args.model, **_engine_options(args, surfaces=args.surfaces or ["reasoner"]))
     if args.stream:
         for piece in engine.reason_stream(messages, **sampling):
             print(piece, end="", flush=True)
@@ -289,7 +306,7 @@ def cmd_upsample(args: argparse.Namespace) -> int:
         if len(images) != len(prompts):
             raise RequestError("image_list", f"{len(images)} images", f"{len(prompts)} images, one per prompt")
     if args.use_self:
-        engine = load(args.checkpoint, *_device_dtype(args), surfaces=["reasoner"])
+        engine = load(args.checkpoint, device=args.device, dtype=args.dtype, surfaces=["reasoner"])
         complete, tokenizer = self_completer(engine, args.max_tokens), engine.reasoner.tokenizer
     else:
         if not args.endpoint_url or not args.model:
@@ -350,7 +367,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_upload_bytes=args.max_upload_mb * 2**20,
         max_batch=args.max_batch,
     )
-    engine = load(args.model, *_device_dtype(args), guardrails=_guardrails(args))
+    engine = load(args.model, **_engine_options(args, guardrails=_guardrails(args)))
     print(f"serving {args.model} on http://{args.host}:{args.port} (jobs: {settings.jobs_db})", flush=True)
     uvicorn.run(create_app(engine, settings), host=args.host, port=args.port)
     return 0

@@ -92,8 +92,10 @@ class Engine:
         else:
             cfg, files = reasoner_text_config(root_config), weight_files(path)
         self.transformer, vision_weights = load_transformer(
-            cfg, files, self.device, self.dtype, generator="generator" in self.surfaces
+            cfg, files, self.device, self.dtype, generator="generator" in self.surfaces, groups=groups
         )
+        if fp8 and groups.tp is not None:
+            raise RequestError("fp8", True, "false with tensor_parallel_size > 1 (not combined yet)")
         if fp8 and "generator" in self.surfaces:  # opt-in: changes results beyond bf16 noise
             from cosmos3.model.fp8 import use_fp8_generation_linears
 
@@ -233,6 +235,19 @@ class Engine:
         on_all_ranks(self.groups, "_run", reqs)
         return self.generator.run(reqs, on_steps or [None] * len(reqs), progress and self.groups.leader)
 
+    def close(self) -> None:
+        """Release the other ranks of a parallel layout (also done at exit); the engine is unusable after."""
+        if self.groups.distributed and self.groups.leader:
+            from cosmos3.parallel.launch import stop
+
+            stop()
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def batch_key(self, request: GenerateRequest) -> tuple | None:
         """Resolved requests with equal keys can run in one `generate_batch`; None: this one runs alone."""
         return batch_key(request) if self.generator is not None else None
@@ -257,17 +272,38 @@ class Engine:
         kwargs: max_tokens, temperature (0 = greedy), top_p, top_k, repetition_penalty, presence_penalty, seed,
         stop, reasoning (append the explicit-reasoning instruction), video_fps / video_num_frames."""
         params, encode = self._split(kwargs)
-        return self._reasoner().complete([_as_messages(messages)], params, **encode)[0].text
+        return self._complete([_as_messages(messages)], params, encode)[0].text
 
     def reason_batch(self, conversations: list[list[dict] | str], **kwargs: Any) -> list[str]:
         """Several conversations decoded together in one batch."""
         params, encode = self._split(kwargs)
-        return [r.text for r in self._reasoner().complete([_as_messages(m) for m in conversations], params, **encode)]
+        return [r.text for r in self._complete([_as_messages(m) for m in conversations], params, encode)]
 
     def reason_stream(self, messages: list[dict] | str, **kwargs: Any) -> Iterator[str]:
         """Like `reason`, yielding the reply in pieces as it is decoded."""
         params, encode = self._split(kwargs)
-        return self._reasoner().stream(_as_messages(messages), params, **encode)
+        return self._stream(_as_messages(messages), params, encode)
+
+    @torch.inference_mode()
+    def _complete(self, conversations: list[list[dict]], params: Sampling, encode: dict) -> list:
+        on_all_ranks(self.groups, "_complete", conversations, params, encode)
+        return self._reasoner().complete(conversations, params, **encode)
+
+    def _stream(self, messages: list[dict], params: Sampling, encode: dict) -> Iterator[str]:
+        reasoner = self._reasoner()
+        on_all_ranks(self.groups, "_drain", messages, params, encode)
+        pieces = reasoner.stream(messages, params, **encode)
+        try:
+            yield from pieces
+        finally:  # a caller that stops early must not leave the other ranks in the middle of a decode
+            if self.groups.distributed:
+                for _ in pieces:
+                    pass
+
+    def _drain(self, messages: list[dict], params: Sampling, encode: dict) -> None:
+        """A follower's part of `reason_stream`: the same decode, its text unused."""
+        for _ in self._reasoner().stream(messages, params, **encode):
+            pass
 
 
 def _as_messages(messages: list[dict] | str) -> list[dict]:

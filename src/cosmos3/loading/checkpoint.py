@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -69,13 +70,15 @@ def load_weights(
     device: torch.device | str,
     dtype: torch.dtype,
     skip: re.Pattern | None = None,
+    part: Callable[[str], tuple[int, int, int] | None] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Fill `model` (built on the meta device) from `files`, one tensor at a time.
 
     Every tensor goes straight to `device` in `dtype` (fp32 for FP32_PREFIXES), so no full-precision copy of
     the model is ever held. Vision-tower tensors are returned separately. Missing or unexpected keys raise.
     Tensors whose renamed key matches `skip` are neither loaded nor reported (their parameters stay on the meta
-    device and take no memory).
+    device and take no memory). `part(key)` -> (dim, start, stop) reads only that slice of a tensor (tensor
+    parallelism: each rank reads its heads and columns straight from the file).
     """
     expected = dict(model.named_parameters())
     seen: set[str] = set()
@@ -94,7 +97,13 @@ def load_weights(
                     unexpected.append(raw_key)
                     continue
                 param = expected[key]
-                tensor = f.get_tensor(raw_key)
+                piece = part(key) if part is not None else None
+                if piece is None:
+                    tensor = f.get_tensor(raw_key)
+                else:
+                    dim, start, stop = piece
+                    index = (slice(None),) * dim + (slice(start, stop),)
+                    tensor = f.get_slice(raw_key)[index]
                 if tuple(tensor.shape) != tuple(param.shape):
                     raise CheckpointError(
                         f"{raw_key} in {path.name} has shape {tuple(tensor.shape)}, "

@@ -10,6 +10,9 @@ import torch
 from cosmos3.loading.checkpoint import GENERATOR_ONLY, CheckpointError, load_weights
 from cosmos3.loading.config import TransformerConfig
 from cosmos3.model.transformer import Cosmos3Transformer
+from cosmos3.parallel.layout import SINGLE, Groups
+from cosmos3.parallel.tensor import head_split, local_config, slices, use_row_parallel
+from cosmos3.parallel.ulysses import check_degree
 
 
 def resolve_path(model: str | Path) -> Path:
@@ -65,14 +68,28 @@ def reasoner_text_config(raw: dict) -> TransformerConfig:
 
 
 def load_transformer(
-    cfg: TransformerConfig, files: list[Path], device, dtype: torch.dtype, generator: bool = True
+    cfg: TransformerConfig,
+    files: list[Path],
+    device,
+    dtype: torch.dtype,
+    generator: bool = True,
+    groups: Groups = SINGLE,
 ) -> tuple[Cosmos3Transformer, dict]:
     """Build the MoT on the meta device and fill it shard by shard; returns it and the vision-tower tensors.
 
-    Without `generator` the generation pathway is never read and stays on the meta device (no memory)."""
+    Without `generator` the generation pathway is never read and stays on the meta device (no memory). With tensor
+    parallelism each rank builds and reads only its heads and MLP columns."""
+    part = None
+    if groups.tp is not None:
+        split = head_split(cfg, groups.layout.tensor_parallel_size, groups.tp_rank)
+        cfg, part = local_config(cfg, split), slices(split, cfg.head_dim)
+    if groups.ulysses is not None:
+        check_degree(groups.layout.ulysses_degree, cfg.num_attention_heads, cfg.num_key_value_heads)
     with torch.device("meta"):
-        model = Cosmos3Transformer(cfg)
-    vision = load_weights(model, files, device, dtype, skip=None if generator else GENERATOR_ONLY)
+        model = Cosmos3Transformer(cfg, groups)
+    if groups.tp is not None:
+        use_row_parallel(model, groups.tp)
+    vision = load_weights(model, files, device, dtype, skip=None if generator else GENERATOR_ONLY, part=part)
     return model.eval().requires_grad_(False), vision
 
 

@@ -22,6 +22,8 @@ from cosmos3.model.layers import (
     rope_cos_sin,
 )
 from cosmos3.model.sequence import Packed
+from cosmos3.parallel.layout import SINGLE, Groups
+from cosmos3.parallel.ulysses import SequenceShard
 
 # Where an understanding layer's keys and values go: called with (layer index, rotated keys, values), returns the keys
 # and values its queries attend to (a cache stores them and returns what it holds).
@@ -77,9 +79,10 @@ def unpatchify(tokens: torch.Tensor, t: int, h: int, w: int, p: int) -> torch.Te
 
 
 class Cosmos3Transformer(nn.Module):
-    def __init__(self, cfg: TransformerConfig):
+    def __init__(self, cfg: TransformerConfig, groups: Groups = SINGLE):
         super().__init__()
-        self.config = cfg
+        self.config = cfg  # with tensor parallelism: this rank's heads and MLP width
+        self.groups = groups  # the parallel layout: Ulysses splits the generation rows, TP the heads
         norm = lambda: RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.nemotron_norm)
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(MoTDecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
@@ -298,12 +301,20 @@ class Cosmos3Transformer(nn.Module):
             )
             tokens = x.shape[0] // branches
         tables = [self.rope(p.position_ids[:, p.und_len :]) for p in packs]
-        cos = torch.cat([t[0] for t in tables])
-        sin = torch.cat([t[1] for t in tables])
+        cos = torch.stack([t[0] for t in tables])
+        sin = torch.stack([t[1] for t in tables])
+        sp = None
+        if self.groups.ulysses is not None:  # sequence parallel: this rank keeps its chunk of every branch's rows
+            sp = SequenceShard(self.groups.ulysses, self.groups.ulysses_rank, self.groups.layout.ulysses_degree, tokens)
+            x = sp.rows(x.unflatten(0, (branches, tokens))).flatten(0, 1)
+            cos, sin = sp.rows(cos), sp.rows(sin)
+        cos, sin = cos.flatten(0, 1), sin.flatten(0, 1)
         gen_layer = self.compiled_gen_layer or self.gen_layer
         for i, layer in enumerate(self.layers):
-            x = gen_layer(layer, x, cos, sin, [c[i] for c in caches], rows_per_chunk)
+            x = gen_layer(layer, x, cos, sin, [c[i] for c in caches], rows_per_chunk, sp)
         x = self.norm_moe_gen(x)
+        if sp is not None:
+            x = sp.gather(x.unflatten(0, (branches, sp.chunk))).flatten(0, 1)
         return [self.decode_generation_tokens(p, x[b * tokens : (b + 1) * tokens]) for b, p in enumerate(packs)]
 
     @staticmethod
@@ -314,18 +325,29 @@ class Cosmos3Transformer(nn.Module):
         sin: torch.Tensor,
         und_kv: list[tuple[torch.Tensor, torch.Tensor]],
         rows_per_chunk: int,
+        sp: SequenceShard | None = None,
     ) -> torch.Tensor:
         """One decoder layer on the generation rows of every branch (`x` = branches stacked along rows); branch b
-        attends to its prompt's keys and values `und_kv[b]` followed by its own."""
+        attends to its prompt's keys and values `und_kv[b]` followed by its own. With sequence parallelism (`sp`)
+        the rows are this rank's chunk of each branch, and attention runs on all rows of this rank's heads."""
         attn = layer.self_attn
-        tokens = x.shape[0] // len(und_kv)
+        branches = len(und_kv)
         q, k, v = attn.gen_qkv(layer.input_layernorm_moe_gen(x))
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        outs = []
-        for b, (k_und, v_und) in enumerate(und_kv):
-            rows = slice(b * tokens, (b + 1) * tokens)
-            outs.append(attention(q[rows], torch.cat([k_und, k[rows]]), torch.cat([v_und, v[rows]])))
-        x = x + attn.to_add_out(torch.cat(outs))
+        q, k, v = (t.unflatten(0, (branches, -1)) for t in (q, k, v))
+        if sp is not None:
+            q, k, v = sp.to_heads(q), sp.to_heads(sp.kv_heads(k)), sp.to_heads(sp.kv_heads(v))
+            k, v = k[:, : sp.tokens], v[:, : sp.tokens]  # the padding rows are never attended to
+            und_kv = [(sp.own_kv_heads(k_und), sp.own_kv_heads(v_und)) for k_und, v_und in und_kv]
+        out = torch.stack(
+            [
+                attention(q[b], torch.cat([k_und, k[b]]), torch.cat([v_und, v[b]]))
+                for b, (k_und, v_und) in enumerate(und_kv)
+            ]
+        )
+        if sp is not None:
+            out = sp.to_rows(out)
+        x = x + attn.to_add_out(out.flatten(0, 1))
 
         def mlp(rows: torch.Tensor) -> torch.Tensor:
             return rows + layer.mlp_moe_gen(layer.post_attention_layernorm_moe_gen(rows))

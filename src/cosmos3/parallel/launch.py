@@ -108,9 +108,10 @@ def start(layout: Layout, device: torch.device, build: Callable[..., Any], kwarg
         ]
         for child in children:
             child.start()
+        _children.extend(children)
         device = rank_device(device, 0)
         groups = _init(0, layout, device, "127.0.0.1", port)
-    atexit.register(_stop_followers)
+    atexit.register(stop)
     return groups, device
 
 
@@ -127,10 +128,16 @@ def follow(engine: Any) -> None:
             logger.debug("rank %d: %s failed", dist.get_rank(), name, exc_info=True)
 
 
-def _stop_followers() -> None:
+_children: list = []  # the ranks this process started
+
+
+def stop() -> None:
+    """On rank 0: release the followers, end the process group and wait for the ranks it started."""
     if dist.is_initialized() and dist.get_rank() == 0:
         share(STOP)
         dist.destroy_process_group()
+    while _children:
+        _children.pop().join(timeout=60)
 
 
 def on_all_ranks(groups: Groups, name: str, *args: Any, **kwargs: Any) -> None:
