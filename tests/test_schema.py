@@ -12,6 +12,7 @@ from schemathesis.checks import positive_data_acceptance
 import cosmos3
 from cosmos3.loading.tiny import write_pipeline
 from cosmos3.server.app import Settings, create_app
+from cosmos3.server.limits import Limits
 
 ROOT = Path(__file__).parent.parent / ".pytest_cache" / "schemathesis"
 shutil.rmtree(ROOT, ignore_errors=True)
@@ -22,11 +23,8 @@ APP = create_app(
         model_name="tiny",
         jobs_db=ROOT / "jobs.db",
         outputs_dir=ROOT / "outputs",
-        max_steps=2,
-        max_pixels=64 * 64,
-        max_frames=9,
-        max_tokens=8,
         sync_timeout_s=60,
+        limits=Limits(max_steps=2, max_pixels=64 * 64, max_frames=9, max_tokens=8),
     ),
 )
 schema = schemathesis.openapi.from_asgi("/openapi.json", APP)  # its client runs the app's startup (the worker)

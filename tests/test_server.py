@@ -1,4 +1,7 @@
-"""The HTTP server on the tiny model: both dialects, jobs, restarts, limits, auth and media rules."""
+"""The HTTP server on the tiny model: both dialects, jobs, restarts, limits, auth and media rules.
+
+Tests synchronise with the worker through its hooks (`pause`/`resume`, a gate on the engine's steps), never by
+sleeping or by holding the engine's lock. The helpers here are shared by tests/test_server_*.py."""
 
 from __future__ import annotations
 
@@ -13,13 +16,14 @@ from pathlib import Path
 import av
 import numpy as np
 import pytest
-import uvicorn
 from fastapi.testclient import TestClient
 from PIL import Image
 
 import cosmos3
 from cosmos3.loading.tiny import write_pipeline
 from cosmos3.server.app import Settings, create_app
+from cosmos3.server.limits import Limits
+from cosmos3.server.serve import build_server
 
 
 @pytest.fixture(scope="module")
@@ -36,9 +40,11 @@ def settings(tmp_path) -> Settings:
         jobs_db=tmp_path / "jobs.db",
         outputs_dir=tmp_path / "outputs",
         allowed_local_media_path=media,
-        max_frames=33,
-        max_pixels=128 * 128,
         sync_timeout_s=120,
+        abort_timeout_s=0.2,
+        shutdown_grace_s=1.0,
+        graceful_shutdown_s=1.0,
+        limits=Limits(max_frames=33, max_pixels=320 * 256),
     )
 
 
@@ -77,33 +83,76 @@ SMALL = {"size": "64x48", "num_frames": "9", "num_inference_steps": "2"}
 
 
 def wait_job(client, job_id, timeout=120):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        body = client.get(f"/v1/videos/{job_id}").json()
-        if body["status"] not in ("queued", "in_progress"):
-            return body
-        time.sleep(0.1)
-    raise AssertionError("job did not finish")
+    """The job once it is final (the worker's own wait: no polling)."""
+    job = client.app.state.worker.wait(job_id, timeout)
+    assert job is not None, "job did not finish"
+    return client.get(f"/v1/videos/{job_id}").json()
+
+
+def wait_until(condition, timeout=30.0):
+    """Poll a condition of the server's state (not a sleep-based synchronisation: it returns as soon as it holds)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.01)
+
+
+class Gate:
+    """Holds every denoising step of the engine until `open()`: a job stays in_progress, inside a step, as long as
+    a test needs it (a step that takes minutes on a real model)."""
+
+    def __init__(self, engine, monkeypatch):
+        self.opened, self.entered = threading.Event(), threading.Event()
+        original = engine.generate_batch
+
+        def gated(requests, on_steps=None):
+            return original(requests, [self._wrap(f) for f in (on_steps or [None] * len(requests))])
+
+        monkeypatch.setattr(engine, "generate_batch", gated)
+
+    def _wrap(self, on_step):
+        def wrapped(i, n):
+            self.entered.set()
+            self.opened.wait(120)
+            if on_step is not None:
+                on_step(i, n)
+
+        return wrapped
+
+    def open(self):
+        self.opened.set()
 
 
 # ------------------------------------------------------------------------------------------- OpenAI clients
+class LiveServer:
+    """A real uvicorn server (cosmos3's configuration) in a thread, on a free port."""
+
+    def __init__(self, engine, settings):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.app = create_app(engine, settings)
+        self.server = build_server(self.app, "127.0.0.1", self.port, log_level="warning")
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        wait_until(lambda: self.server.started)
+
+    def stop(self):
+        self.server.should_exit = True
+        self.thread.join(30)
+
+
 @pytest.fixture()
-def live_server(engine, settings):
-    """A real uvicorn server on a free port, for the official `openai` client."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(
-        uvicorn.Config(create_app(engine, settings), host="127.0.0.1", port=port, log_level="warning")
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not server.started and time.time() < deadline:
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(10)
+def live(engine, settings):
+    server = LiveServer(engine, settings)
+    yield server
+    server.stop()
+
+
+@pytest.fixture()
+def live_server(live):
+    return live.url
 
 
 def test_openai_client_images_and_chat(live_server):
@@ -178,37 +227,40 @@ def test_async_job_lifecycle_and_policy_actions(client):
     assert client.get(f"/v1/videos/{job['id']}").status_code == 404
 
 
-def test_cancel_running_and_queued_jobs(client):
-    worker = client.app.state.worker
-    worker.engine_lock.acquire()  # hold the GPU so that jobs stay put
-    try:
-        first = client.post("/v1/videos", data={"prompt": "a", **SMALL}).json()
-        second = client.post("/v1/videos", data={"prompt": "b", **SMALL}).json()
-        time.sleep(0.3)
-        assert client.get(f"/v1/videos/{first['id']}").json()["status"] == "in_progress"
-        client.delete(f"/v1/videos/{first['id']}")
-        client.delete(f"/v1/videos/{second['id']}")
-    finally:
-        worker.engine_lock.release()
+def test_cancel_running_and_queued_jobs(engine, client, monkeypatch):
+    gate = Gate(engine, monkeypatch)
+    first = client.post("/v1/videos", data={"prompt": "a", **SMALL}).json()
+    assert gate.entered.wait(30)  # the worker is inside the first job's first step
+    second = client.post("/v1/videos", data={"prompt": "b", **SMALL}).json()
+    assert client.get(f"/v1/videos/{second['id']}").json()["status"] == "queued"
+    # A running job is not deleted at once: it is cancelling until it reaches its next step (409, as vLLM-Omni).
+    r = client.delete(f"/v1/videos/{first['id']}")
+    assert r.status_code == 409 and r.json()["error"]["type"] == "ConflictError"
+    assert client.get(f"/v1/videos/{first['id']}").json()["status"] == "cancelling"
+    assert client.get(f"/v1/videos/{first['id']}/content").status_code == 404
+    # A queued job is cancelled and removed at once.
+    assert client.delete(f"/v1/videos/{second['id']}").json()["deleted"] is True
+    assert client.get(f"/v1/videos/{second['id']}").status_code == 404
+    gate.open()
     assert wait_job(client, first["id"])["status"] == "cancelled"  # stopped at its first step
-    assert wait_job(client, second["id"])["status"] == "cancelled"
     assert client.get(f"/v1/videos/{first['id']}/content").status_code == 422
+    assert client.delete(f"/v1/videos/{first['id']}").json() == {
+        "id": first["id"],
+        "deleted": True,
+        "object": "video.deleted",
+    }
+    assert client.get(f"/v1/videos/{first['id']}").status_code == 404
 
 
 def test_full_queue_answers_429(engine, settings):
     settings.max_queue = 1
     with TestClient(create_app(engine, settings)) as client:
-        worker = client.app.state.worker
-        worker.engine_lock.acquire()
-        try:
-            client.post("/v1/videos", data={"prompt": "a", **SMALL})
-            time.sleep(0.3)  # the worker takes the first and blocks on the engine
-            client.post("/v1/videos", data={"prompt": "b", **SMALL})
-            r = client.post("/v1/videos", data={"prompt": "c", **SMALL})
-            assert r.status_code == 429 and int(r.headers["Retry-After"]) > 0
-            assert r.json()["error"]["type"] == "RateLimitError"
-        finally:
-            worker.engine_lock.release()
+        client.app.state.worker.pause()  # jobs stay queued
+        assert client.post("/v1/videos", data={"prompt": "a", **SMALL}).status_code == 200
+        r = client.post("/v1/videos", data={"prompt": "b", **SMALL})
+        assert r.status_code == 429 and int(r.headers["Retry-After"]) > 0
+        assert r.json()["error"]["type"] == "RateLimitError"
+        client.app.state.worker.resume()
 
 
 def test_restart_keeps_finished_jobs_and_handles_interrupted_ones(engine, settings):
@@ -273,7 +325,7 @@ def test_predict_six_modes(client, settings):
             "fps": 5,
         },
     }
-    settings.max_pixels = 256 * 320
+    settings.limits.max_pixels = 256 * 320
     for mode, fields in cases.items():
         r = client.post("/predict", json={"model_mode": mode, "prompt": "a robot", **common, **fields})
         assert r.status_code == 200, (mode, r.text)
@@ -307,7 +359,7 @@ def test_predict_six_modes(client, settings):
                 },
                 "files": {"input_reference": ("x.png", png_bytes(), "image/png")},
             },
-            "domain_name",
+            "extra_params.domain_name",
         ),
         ("/v1/images/generations", {"json": {"prompt": "a", "n": 11}}, "n"),
         ("/v1/images/generations", {"json": {"prompt": "a", "size": "64x48", "stray": 1}}, "stray"),
@@ -316,7 +368,7 @@ def test_predict_six_modes(client, settings):
             {"json": {"model_mode": "text2video", "prompt": "a", "vision_path": "/etc/passwd"}},
             "vision_path",
         ),
-        ("/predict", {"json": {"model_mode": "image2video", "prompt": "a"}}, "image"),
+        ("/predict", {"json": {"model_mode": "image2video", "prompt": "a"}}, "vision_path"),
         ("/v1/chat/completions", {"json": {"messages": []}}, "messages"),
         (
             "/v1/chat/completions",
@@ -354,9 +406,9 @@ def test_api_key(engine, settings):
         r = client.post(
             "/predict",
             headers={"Authorization": "Api-Key s3cret"},
-            json={"model_mode": "text2image", "prompt": "x", "resolution": "256", "num_steps": 1},
+            json={"model_mode": "text2image", "prompt": "x", "resolution": "480", "num_steps": 1},
         )
-        assert r.status_code == 400 and r.json()["error"]["param"] == "size"  # 256x256 is over this test's limit
+        assert r.status_code == 400 and r.json()["error"]["param"] == "resolution"  # 640x640: over this test's limit
 
 
 def test_local_paths_stay_under_the_allowed_folder(client, settings, tmp_path):
@@ -395,7 +447,7 @@ def test_no_local_paths_without_an_allowed_folder(engine, settings):
 
 
 def test_oversized_upload_is_413(engine, settings):
-    settings.max_upload_bytes = 1000
+    settings.limits.max_upload_bytes = 1000
     with TestClient(create_app(engine, settings)) as client:
         r = client.post(
             "/v1/videos/sync",
@@ -406,7 +458,7 @@ def test_oversized_upload_is_413(engine, settings):
 
 
 def test_a_failing_job_does_not_stop_the_server(client, monkeypatch):
-    original = client.app.state.engine.generate
+    original = client.app.state.engine.generate_batch
     calls = {"n": 0}
 
     def flaky(*args, **kwargs):
@@ -415,7 +467,7 @@ def test_a_failing_job_does_not_stop_the_server(client, monkeypatch):
             raise RuntimeError("GPU fell over")
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(client.app.state.engine, "generate", flaky)
+    monkeypatch.setattr(client.app.state.engine, "generate_batch", flaky)
     r = client.post("/v1/videos/sync", data={"prompt": "a", **SMALL})
     assert r.status_code == 500 and "GPU fell over" in r.json()["error"]["message"]
     assert client.post("/v1/videos/sync", data={"prompt": "a", **SMALL}).status_code == 200
@@ -426,10 +478,7 @@ def test_outputs_expire_after_retention(engine, settings):
     with TestClient(create_app(engine, settings)) as client:
         job = client.post("/v1/videos", data={"prompt": "a", **SMALL}).json()
         wait_job(client, job["id"])
-        deadline = time.time() + 10
-        while client.get(f"/v1/videos/{job['id']}").status_code != 404 and time.time() < deadline:
-            time.sleep(0.2)
-        assert client.get(f"/v1/videos/{job['id']}").status_code == 404
+        wait_until(lambda: client.get(f"/v1/videos/{job['id']}").status_code == 404, timeout=10)
         assert not Path(settings.outputs_dir, job["id"]).exists()
 
 
@@ -437,28 +486,24 @@ def test_queued_requests_of_one_shape_share_passes(engine, settings, monkeypatch
     settings.max_batch = 3
     with TestClient(create_app(engine, settings)) as client:
         calls = []
-        original = engine.generator.generate_batch
+        original = engine.generate_batch
 
         def spy(reqs, on_steps=None):
             calls.append([r.prompt for r in reqs])
             return original(reqs, on_steps)
 
-        monkeypatch.setattr(engine.generator, "generate_batch", spy)
+        monkeypatch.setattr(engine, "generate_batch", spy)
         worker = client.app.state.worker
-        worker.engine_lock.acquire()
-        try:
-            first = client.post("/v1/videos", data={"prompt": "first", **SMALL}).json()
-            time.sleep(0.3)  # the worker holds "first" and waits for the engine
-            same = [
-                client.post("/v1/videos", data={"prompt": p, **SMALL, "seed": str(i)}).json()
-                for i, p in enumerate(["b", "c", "d"])
-            ]
-            other = client.post("/v1/videos", data={"prompt": "e", **SMALL, "size": "48x32"}).json()
-        finally:
-            worker.engine_lock.release()
-        for job in (first, *same, other):
+        worker.pause()  # all five wait in the queue
+        same = [
+            client.post("/v1/videos", data={"prompt": p, **SMALL, "seed": str(i)}).json()
+            for i, p in enumerate(["b", "c", "d"])
+        ]
+        other = client.post("/v1/videos", data={"prompt": "e", **SMALL, "size": "48x32"}).json()
+        worker.resume()
+        for job in (*same, other):
             assert wait_job(client, job["id"])["status"] == "completed"
-        assert calls == [["b", "c", "d"]]  # one shared pass set for the three compatible queued requests
+        assert calls == [["b", "c", "d"], ["e"]]  # one shared pass set for the three compatible queued requests
         # Batching does not change a request's output.
         alone = client.post("/v1/videos/sync", data={"prompt": "c", **SMALL, "seed": "1"}).content
         batched = client.get(f"/v1/videos/{same[1]['id']}/content").content

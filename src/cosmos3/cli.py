@@ -349,10 +349,10 @@ def cmd_upsample(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
     from cosmos3.engine import load
-    from cosmos3.server.app import Settings, create_app
+    from cosmos3.server.limits import Limits
+    from cosmos3.server.serve import serve
+    from cosmos3.server.settings import Settings
 
     settings = Settings(
         model_name=args.served_model_name or args.model,
@@ -361,15 +361,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
         allowed_local_media_path=Path(args.allowed_local_media_path).resolve()
         if args.allowed_local_media_path
         else None,
+        # --allow-private-media-urls (or COSMOS3_ALLOW_PRIVATE_URLS=1): fetch media from private addresses too
+        allow_private_urls=bool(getattr(args, "allow_private_media_urls", False))
+        or os.environ.get("COSMOS3_ALLOW_PRIVATE_URLS") == "1",
         jobs_db=Path(args.jobs_db),
         outputs_dir=Path(args.outputs_dir),
         retention_s=args.retention_hours * 3600,
-        max_upload_bytes=args.max_upload_mb * 2**20,
         max_batch=args.max_batch,
+        limits=Limits(max_upload_bytes=args.max_upload_mb * 2**20),
     )
     engine = load(args.model, **_engine_options(args, guardrails=_guardrails(args)))
     print(f"serving {args.model} on http://{args.host}:{args.port} (jobs: {settings.jobs_db})", flush=True)
-    uvicorn.run(create_app(engine, settings), host=args.host, port=args.port)
+    serve(engine, settings, args.host, args.port)
     return 0
 
 

@@ -3,7 +3,17 @@
 from __future__ import annotations
 
 import base64
-import urllib.request
+import binascii
+import http.client
+import io
+import ipaddress
+import re
+import socket
+import ssl
+import threading
+import time
+import urllib.parse
+from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
@@ -17,29 +27,39 @@ from cosmos3.errors import RequestError
 VIDEO_SUFFIXES = (".mp4", ".mov", ".avi", ".mkv", ".webm")
 MAX_FETCH_BYTES = 512 * 2**20
 FETCH_TIMEOUT_S = 20.0
+MAX_REDIRECTS = 5
+# x264's macroblock tree (mbtree) reads uninitialised heap memory in its AVX-512 code, so with it on the same frames
+# give different files depending on what the process allocated before (see write_video).
+X264_OPTIONS = {"crf": "17", "preset": "medium", "x264-params": "mbtree=0"}
 
 
-def fetch_bytes(url: str, field: str, allowed_dir: Path | None = None, allow_local: bool = True) -> bytes:
-    """http(s) (bounded time and size), `data:` base64 URIs, `file://` and plain local paths.
+def fetch_bytes(
+    url: str,
+    field: str,
+    allowed_dir: Path | None = None,
+    allow_local: bool = True,
+    *,
+    max_bytes: int = MAX_FETCH_BYTES,
+    timeout_s: float = FETCH_TIMEOUT_S,
+    allow_private: bool | None = None,
+) -> bytes:
+    """http(s) (a total deadline and a size cap), `data:` URIs, `file://` and plain local paths.
 
     Local paths must resolve (after `..` and symlinks) under `allowed_dir` when it is given; with
-    `allow_local=False` (a server started without an allowed media folder) they are refused."""
+    `allow_local=False` (a server started without an allowed media folder) they are refused. Every source is
+    capped at `max_bytes`. URLs whose host resolves to a loopback, private, link-local or otherwise non-public
+    address (checked for every address and again after each redirect) are refused unless `allow_private`; None
+    allows them only where local files are unrestricted (`allow_local` without `allowed_dir`: the Python API).
+    A URL that cannot be fetched gets one message whatever the reason, so that errors neither echo the remote
+    reply nor tell an open port from a closed one."""
+    if not isinstance(url, str) or not url:
+        raise RequestError(field, url, "a URL, a data URI or a local path string")
     if url.startswith("data:"):
-        try:
-            return base64.b64decode(url.split(",", 1)[1], validate=False)
-        except (IndexError, ValueError) as exc:
-            raise RequestError(field, url[:40], "a base64 data URI (data:<mime>;base64,...)", "is malformed") from exc
+        return _data_uri(url, field, max_bytes)
     if url.startswith(("http://", "https://")):
-        try:
-            with urllib.request.urlopen(url, timeout=FETCH_TIMEOUT_S) as resp:
-                data = resp.read(MAX_FETCH_BYTES + 1)
-        except Exception as exc:
-            raise RequestError(
-                field, url, f"a URL reachable within {FETCH_TIMEOUT_S:.0f} s", f"is unreachable ({exc})"
-            ) from exc
-        if len(data) > MAX_FETCH_BYTES:
-            raise RequestError(field, url, f"media up to {MAX_FETCH_BYTES // 2**20} MiB", "is too large")
-        return data
+        if allow_private is None:
+            allow_private = allow_local and allowed_dir is None
+        return _fetch_http(url, field, max_bytes, timeout_s, allow_private)
     path = Path(url[len("file://") :] if url.startswith("file://") else url)
     if not allow_local:
         raise RequestError(
@@ -51,7 +71,246 @@ def fetch_bytes(url: str, field: str, allowed_dir: Path | None = None, allow_loc
             raise RequestError(field, url, f"a file under {allowed_dir}", "is outside the allowed media folder")
     if not path.is_file():
         raise RequestError(field, url, "an http(s) URL, a data URI or an existing local file", "does not exist")
+    if path.stat().st_size > max_bytes:
+        raise RequestError(field, url, f"media up to {_mib(max_bytes)}", "is too large")
     return path.read_bytes()
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.4g} MiB"
+
+
+def _data_uri(url: str, field: str, max_bytes: int) -> bytes:
+    header, sep, payload = url.partition(",")
+    shown = url[:40] + ("..." if len(url) > 40 else "")
+    if not sep:
+        raise RequestError(field, shown, "a data URI (data:<mime>;base64,<data>)", "has no comma")
+    if header.endswith(";base64"):
+        compact = re.sub(r"\s+", "", payload)
+        if len(compact) // 4 * 3 > max_bytes:
+            raise RequestError(field, shown, f"media up to {_mib(max_bytes)}", "is too large")
+        try:
+            data = base64.b64decode(compact, validate=True)
+        except (binascii.Error, ValueError) as exc:
+            raise RequestError(field, shown, "a data URI with valid base64 data", "is not valid base64") from exc
+    else:
+        data = urllib.parse.unquote_to_bytes(payload)
+    if len(data) > max_bytes:
+        raise RequestError(field, shown, f"media up to {_mib(max_bytes)}", "is too large")
+    return data
+
+
+def is_public_address(ip: str) -> bool:
+    """A globally routable unicast address (not loopback, private, link-local, shared, reserved or multicast)."""
+    addr = ipaddress.ip_address(ip.split("%", 1)[0])
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped
+    return addr.is_global and not addr.is_multicast
+
+
+class _Unavailable(Exception):
+    """Any failure to fetch a URL; reported with one message."""
+
+
+def _resolve(host: str, port: int, deadline: float) -> list[str]:
+    """getaddrinfo in a helper thread, so that a slow resolver counts against the deadline."""
+    out: list = []
+
+    def run() -> None:
+        try:
+            out.append(socket.getaddrinfo(host, port, type=socket.SOCK_STREAM))
+        except OSError as exc:
+            out.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(max(0.0, deadline - time.monotonic()))
+    if not out or isinstance(out[0], OSError):
+        raise _Unavailable()
+    return list(dict.fromkeys(info[4][0] for info in out[0]))
+
+
+class _PinnedHTTP(http.client.HTTPConnection):
+    """Connects to an address checked beforehand (no second DNS lookup that could answer differently)."""
+
+    def __init__(self, host: str, port: int, ip: str, timeout: float):
+        super().__init__(host, port, timeout=timeout)
+        self.ip = ip
+
+    def connect(self) -> None:
+        self.sock = socket.create_connection((self.ip, self.port), self.timeout)
+
+
+class _PinnedHTTPS(http.client.HTTPSConnection):
+    def __init__(self, host: str, port: int, ip: str, timeout: float):
+        super().__init__(host, port, timeout=timeout, context=ssl.create_default_context())
+        self.ip = ip
+
+    def connect(self) -> None:
+        sock = socket.create_connection((self.ip, self.port), self.timeout)
+        self.sock = self._context.wrap_socket(sock, server_hostname=self.host)
+
+
+def _fetch_http(url: str, field: str, max_bytes: int, timeout_s: float, allow_private: bool) -> bytes:
+    deadline = time.monotonic() + timeout_s
+    unavailable = RequestError(
+        field,
+        url,
+        f"an http(s) URL that answers 200 with at most {_mib(max_bytes)} within {timeout_s:g} s",
+        "could not be fetched",
+    )
+    current = url
+    try:
+        for _ in range(MAX_REDIRECTS + 1):
+            parts = urllib.parse.urlsplit(current)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise _Unavailable()
+            port = parts.port or (443 if parts.scheme == "https" else 80)
+            addresses = _resolve(parts.hostname, port, deadline)
+            if not allow_private and not all(is_public_address(a) for a in addresses):
+                raise RequestError(
+                    field,
+                    url,
+                    "a URL of a public host (this server does not fetch from loopback, private or link-local "
+                    "addresses)",
+                    "resolves to a non-public address" + (" after a redirect" if current != url else ""),
+                )
+            status, location, data = _get(parts, port, addresses[0], max_bytes, deadline)
+            if status in (301, 302, 303, 307, 308) and location:
+                current = urllib.parse.urljoin(current, location)
+                continue
+            if status != 200:
+                raise _Unavailable()
+            return data
+        raise _Unavailable()  # too many redirects
+    except (_Unavailable, OSError, http.client.HTTPException, ValueError) as exc:
+        raise unavailable from exc
+
+
+def _get(parts, port: int, ip: str, max_bytes: int, deadline: float) -> tuple[int, str | None, bytes]:
+    def remaining() -> float:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise _Unavailable()
+        return left
+
+    cls = _PinnedHTTPS if parts.scheme == "https" else _PinnedHTTP
+    conn = cls(parts.hostname, port, ip, timeout=remaining())
+    try:
+        target = urllib.parse.urlunsplit(("", "", parts.path or "/", parts.query, ""))
+        conn.request("GET", target, headers={"User-Agent": "cosmos3", "Accept-Encoding": "identity"})
+        conn.sock.settimeout(remaining())
+        resp = conn.getresponse()
+        if resp.status != 200:
+            return resp.status, resp.getheader("Location"), b""
+        length = resp.getheader("Content-Length")
+        if length is not None and length.isdigit() and int(length) > max_bytes:
+            raise _Unavailable()
+        chunks, size = [], 0
+        while True:
+            conn.sock.settimeout(remaining())
+            chunk = resp.read1(65536)
+            if not chunk:
+                break
+            size += len(chunk)
+            if size > max_bytes:
+                raise _Unavailable()
+            chunks.append(chunk)
+        return 200, None, b"".join(chunks)
+    finally:
+        conn.close()
+
+
+@dataclass
+class MediaInfo:
+    kind: str  # "image" or "video"
+    width: int
+    height: int
+    frames: int
+    fps: float | None = None
+    seconds: float | None = None
+
+
+def probe_media(
+    data: bytes,
+    field: str,
+    *,
+    max_pixels: int | None = None,
+    max_frames: int | None = None,
+    max_seconds: float | None = None,
+) -> MediaInfo:
+    """What uploaded bytes hold, decided from the bytes (not a name), checked against the bounds before anything
+    large is decoded: an image's size from its header, a video's size, duration and frame count from its
+    container (frames are counted from packets; only the first is decoded, to prove the stream is readable)."""
+    image_error: Exception | None = None
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            w, h = img.size
+            _check_pixels(field, "image", w, h, max_pixels)
+            img.load()
+        return MediaInfo("image", w, h, 1)
+    except Image.DecompressionBombError as exc:
+        raise RequestError(
+            field, "<image>", f"an image of at most {max_pixels or Image.MAX_IMAGE_PIXELS} pixels", "is too large"
+        ) from exc
+    except RequestError:
+        raise
+    except Exception as exc:  # not an image (or a broken one): try a video
+        image_error = exc
+    import av
+
+    try:
+        container = av.open(io.BytesIO(data))
+    except Exception as exc:
+        what = "a readable image (JPEG/PNG/WebP) or video (MP4/MOV/MKV/WebM)"
+        why = "cannot be decoded" if _looks_like_image(data) else "is neither an image nor a video"
+        raise RequestError(field, "<bytes>", what, why) from (image_error or exc)
+    with container:
+        if not container.streams.video:
+            raise RequestError(field, "<bytes>", "an image or a video with a video stream", "has no video stream")
+        stream = container.streams.video[0]
+        w, h = stream.codec_context.width, stream.codec_context.height
+        _check_pixels(field, "video", w, h, max_pixels)
+        fps = float(stream.average_rate) if stream.average_rate else None
+        seconds = None
+        if stream.duration is not None and stream.time_base is not None:
+            seconds = float(stream.duration * stream.time_base)
+        elif container.duration is not None:
+            seconds = container.duration / 1e6
+        if max_seconds is not None and seconds is not None and seconds > max_seconds:
+            raise RequestError(field, f"{seconds:.1f} s", f"a video of at most {max_seconds:g} s", "is too long")
+        frames = 0
+        try:
+            for packet in container.demux(stream):
+                if packet.size:
+                    frames += 1
+                    if max_frames is not None and frames > max_frames:
+                        raise RequestError(
+                            field, f"over {max_frames} frames", f"a video of at most {max_frames} frames", "is too long"
+                        )
+        except RequestError:
+            raise
+        except Exception as exc:
+            raise RequestError(field, "<video>", "a readable MP4/MOV/MKV/WebM video", "cannot be decoded") from exc
+    try:
+        with av.open(io.BytesIO(data)) as container:
+            first = next(container.decode(video=0), None)
+    except Exception as exc:
+        raise RequestError(field, "<video>", "a readable MP4/MOV/MKV/WebM video", "cannot be decoded") from exc
+    if first is None or frames == 0:
+        raise RequestError(field, "<video>", "a video with at least one frame", "has no frames")
+    if w * h == 0:
+        w, h = first.width, first.height
+    return MediaInfo("video", w, h, frames, fps, seconds)
+
+
+def _check_pixels(field: str, kind: str, w: int, h: int, max_pixels: int | None) -> None:
+    if max_pixels is not None and w * h > max_pixels:
+        raise RequestError(field, f"{w}x{h}", f"{kind} frames of at most {max_pixels} pixels", "is too large")
+
+
+def _looks_like_image(data: bytes) -> bool:
+    return data.startswith((b"\x89PNG", b"\xff\xd8\xff", b"GIF8", b"BM")) or data[8:12] == b"WEBP"
 
 
 def image_values(frame: Any, field: str) -> torch.Tensor:
@@ -153,7 +412,7 @@ def write_video(
         stream = container.add_stream("libx264", rate=rate)
         stream.width, stream.height = w - w % 2, h - h % 2  # yuv420p needs even sizes
         stream.pix_fmt = "yuv420p"
-        stream.options = {"crf": "17", "preset": "medium"}
+        stream.options = dict(X264_OPTIONS)  # deterministic: equal frames give equal files
         audio = None
         if sound is not None:
             layout = "stereo" if sound.shape[0] == 2 else "mono"

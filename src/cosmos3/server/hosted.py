@@ -3,21 +3,24 @@
 from __future__ import annotations
 
 import base64
+import json
+import shutil
 import uuid
 from typing import Any, Literal
 
 from fastapi import APIRouter, Request
+from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, ConfigDict, Field
 
 from cosmos3.generation.dialects import ACTION_MODES
-from cosmos3.server.app import check_limits
-from cosmos3.server.inputs import fetch
-from cosmos3.server.openai import finished, settings_of
+from cosmos3.server.errors import APIError
+from cosmos3.server.inputs import fetch, store_file, store_media
+from cosmos3.server.jobs import Job, new_id
+from cosmos3.server.state import ServerState, state
+from cosmos3.server.submit import read_output, resolve, wait_for_jobs
+from cosmos3.server.wire import Text
 
 router = APIRouter()
-
-# The Framework's per-mode defaults (steps, guidance, shift); templates stay on, as there.
-FRAMEWORK_DEFAULTS = {"text2image": (50, 4.0, 3.0), "video": (35, 6.0, 10.0), "action": (30, 1.0, 10.0)}
 
 Mode = Literal[
     "text2image", "text2video", "image2video", "video2video", "forward_dynamics", "inverse_dynamics", "policy", "wam"
@@ -27,94 +30,129 @@ Mode = Literal[
 class PredictRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     model_mode: Mode = "text2video"
-    prompt: str = ""
-    negative_prompt: str | None = None
+    prompt: Text = ""
+    negative_prompt: Text | None = None
     name: str | None = Field(None, max_length=200, pattern=r"^[A-Za-z0-9._-]+$")
     resolution: str | int | None = None
     aspect_ratio: str | None = None
-    num_frames: int | None = Field(None, ge=1, le=300)
-    fps: float | None = Field(None, ge=1, le=120)
-    seed: int = Field(0, ge=0, le=2**63 - 1)
-    vision_path: str | None = None
-    action_path: str | None = None
+    num_frames: int | None = None
+    fps: float | None = None
+    seed: int | None = None
+    vision_path: str | None = Field(None, description="an http(s) URL, a data URI or an allow-listed local path")
+    action_path: str | None = Field(None, description="a JSON action file: URL, data URI or allow-listed path")
     image_size: int | str | None = None
-    num_steps: int | None = Field(None, ge=1, le=200)
-    guidance: float | None = Field(None, ge=0, le=20)
-    shift: float | None = Field(None, gt=0, le=1000)
-    action_chunk_size: int | None = Field(None, ge=1, le=1024)
-    raw_action_dim: int | None = Field(None, ge=1, le=1024)
+    num_steps: int | None = None
+    guidance: float | None = None
+    shift: float | None = None
+    action_chunk_size: int | None = None
+    raw_action_dim: int | None = None
     domain_name: str | None = None
     view_point: str | None = None
-    enable_sound: bool = False
+    enable_sound: bool | None = None
     use_system_prompt: bool | None = None
 
 
-@router.post("/predict")
-async def predict(body: PredictRequest, request: Request) -> dict[str, Any]:
-    settings, worker, engine = settings_of(request), request.app.state.worker, request.app.state.engine
+class SampleOutput(BaseModel):
+    content: dict[str, Any]
+    files: list[str]
+
+
+class SampleOutputs(BaseModel):
+    status: str
+    outputs: list[SampleOutput]
+
+
+class PredictResponse(BaseModel):
+    name: str
+    model_mode: str
+    format: str
+    data: str  # base64 of the JPEG or MP4
+    seed: int
+    sample_outputs: SampleOutputs | None = None
+
+
+@router.post("/predict", response_model=PredictResponse, response_model_exclude_none=True)
+async def predict(body: PredictRequest, request: Request):
+    """One synchronous call for all six modes; closing the connection cancels the job."""
+    server = state(request)
+    job = await server.blocking(queue_predict, server, body)
+    (done,) = await wait_for_jobs(request, server, [job])
+    data = await run_in_threadpool(read_output, done)
+    reply = PredictResponse(
+        name=done.info["name"],
+        model_mode=body.model_mode,
+        format="jpg" if done.outputs[0].endswith(".jpg") else "mp4",
+        data=base64.b64encode(data).decode(),
+        seed=done.request["seed"],
+    )
+    if "action" in done.result:
+        files = [p.rsplit("/", 1)[-1] for p in done.outputs]
+        output = SampleOutput(content={"action": done.result["action"]}, files=files)
+        reply.sample_outputs = SampleOutputs(status="success", outputs=[output])
+    return reply
+
+
+def queue_predict(server: ServerState, body: PredictRequest) -> Job:
     mode = "policy" if body.model_mode == "wam" else body.model_mode
-    job_id = f"predict_{uuid.uuid4().hex}"
-    folder = worker.job_dir(job_id) / "inputs"
     action = mode in ACTION_MODES
-    steps, guidance, shift = FRAMEWORK_DEFAULTS[
-        "text2image" if mode == "text2image" else "action" if action else "video"
-    ]
-    fields: dict[str, Any] = {
-        "mode": mode,
-        "prompt": body.prompt,
-        "negative_prompt": body.negative_prompt,
-        "seed": body.seed,
-        "num_steps": body.num_steps or steps,
-        "guidance": body.guidance if body.guidance is not None else guidance,
-        "shift": body.shift or shift,
-        "enable_sound": body.enable_sound,
-        "use_system_prompt": body.use_system_prompt,
-    }
+    fields: dict[str, Any] = {"mode": mode}
     for name in (
+        "prompt",
+        "negative_prompt",
         "num_frames",
         "fps",
+        "seed",
         "aspect_ratio",
+        "num_steps",
+        "guidance",
+        "shift",
         "action_chunk_size",
         "raw_action_dim",
         "domain_name",
         "view_point",
+        "enable_sound",
+        "use_system_prompt",
     ):
-        value = getattr(body, name)
-        if value is not None:
-            fields[name] = value
+        if getattr(body, name) is not None:
+            fields[name] = getattr(body, name)
+    wire = {"width": "resolution", "height": "resolution", "size": "resolution"}
     tier = body.image_size if action else body.resolution
     if tier is not None:
         fields["resolution"] = str(tier)
-    elif action:
-        fields["resolution"] = "256"  # the Framework's action default
-    if mode == "text2image" and body.aspect_ratio is None:
-        fields["aspect_ratio"] = "1,1"
-    if body.vision_path:
-        path, kind = fetch(body.vision_path, folder, "vision_path", settings)
-        fields["video" if kind == "video" else "image"] = str(path)
-        if mode == "text2video":  # the Framework infers the mode from vision_path when none is sent
-            fields["mode"] = mode = "image2video" if kind == "image" else "video2video"
-    if body.action_path:
-        fields["action"] = str(fetch(body.action_path, folder, "action_path", settings)[0])
-    resolved = engine.request(**fields)
-    check_limits(resolved, settings)
-    name = body.name or f"sample_{uuid.uuid4().hex[:8]}"
-    job = worker.submit("predict", resolved.__dict__, {"prompt": body.prompt, "mode": mode, "name": name}, job_id)
-    done = await finished(request, job)
-    vision = done.outputs[0]
-    with open(vision, "rb") as f:
-        data = base64.b64encode(f.read()).decode()
-    reply: dict[str, Any] = {
-        "name": name,
-        "model_mode": body.model_mode,
-        "format": "jpg" if vision.endswith(".jpg") else "mp4",
-        "data": data,
-    }
-    if "action" in done.result:
-        reply["sample_outputs"] = {
-            "status": "success",
-            "outputs": [
-                {"content": {"action": done.result["action"]}, "files": [p.rsplit("/", 1)[-1] for p in done.outputs]}
-            ],
-        }
-    return reply
+        wire["resolution"] = "image_size" if action else "resolution"
+    job_id = new_id("predict")
+    folder = server.worker.job_dir(job_id) / "inputs"
+    try:
+        if body.vision_path:
+            path, kind = store_media(
+                fetch(body.vision_path, "vision_path", server.settings), folder, "vision_path", server.settings
+            )
+            if mode == "text2video":  # the Framework infers the mode from vision_path when none is sent
+                fields["mode"] = mode = "image2video" if kind == "image" else "video2video"
+            if (mode, kind) in (("image2video", "video"), ("video2video", "image"), ("inverse_dynamics", "image")):
+                raise APIError(
+                    400,
+                    f"vision_path holds {'an' if kind == 'image' else 'a'} {kind}; {mode} needs the other",
+                    "vision_path",
+                )
+            fields[kind] = str(path)
+            wire[kind] = "vision_path"
+        if body.action_path:
+            data = fetch(body.action_path, "action_path", server.settings)
+            try:
+                json.loads(data)
+            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+                raise APIError(400, "action_path is not a JSON file", "action_path") from exc
+            fields["action"] = str(store_file(data, folder, "action_path", ".json"))
+            wire["action"] = "action_path"
+        if mode in ("image2video", "video2video") or (action and "image" not in fields and "video" not in fields):
+            wire.setdefault("image", "vision_path")
+            wire.setdefault("video", "vision_path")
+        req = resolve(server, fields, "hosted", wire)
+        name = body.name or f"sample_{uuid.uuid4().hex[:8]}"
+        return server.worker.submit(
+            "predict", req.__dict__, {"prompt": body.prompt, "mode": mode, "name": name}, job_id
+        )
+    except BaseException:
+        shutil.rmtree(server.worker.job_dir(job_id), ignore_errors=True)
+        raise

@@ -1,4 +1,9 @@
-"""Request media for the server: uploads, URLs and local paths, each with its limits, stored with the job."""
+"""Request media: uploads, URLs, data URIs and allow-listed local paths -> checked files in the job's folder.
+
+Every source is capped in bytes (data URIs count like uploads), and what it decodes to is checked against the
+operator's input limits (pixels, frames, duration) before anything large is decoded. Errors name the field and
+the problem and never show a server path. These functions block (network, decoding): routes call them off the
+event loop."""
 
 from __future__ import annotations
 
@@ -9,52 +14,75 @@ from typing import Any
 from fastapi import UploadFile
 from PIL import Image
 
-from cosmos3.media import fetch_bytes
-from cosmos3.server.app import APIError, Settings
+from cosmos3.errors import RequestError
+from cosmos3.media import fetch_bytes, probe_media
+from cosmos3.server.errors import APIError
+from cosmos3.server.settings import Settings
 
 
-def sniff(data: bytes) -> str:
-    """'image' or 'video', decided from the bytes (not the file name)."""
+async def read_upload(upload: UploadFile, field: str, settings: Settings) -> bytes:
+    limit = settings.limits.max_upload_bytes
+    data = await upload.read(limit + 1)
+    if len(data) > limit:
+        raise APIError(413, f"{field} is larger than this server's {limit} byte upload limit", field)
+    if not data:
+        raise APIError(400, f"{field} is empty", field)
+    return data
+
+
+def fetch(url: Any, field: str, settings: Settings) -> bytes:
+    """A URL (public hosts unless the operator allows private ones), a data URI or an allow-listed local path."""
+    allowed = settings.allowed_local_media_path
     try:
-        with Image.open(io.BytesIO(data)) as img:
-            img.verify()
-        return "image"
-    except Exception:
-        return "video"
+        return fetch_bytes(
+            url,
+            field,
+            allowed_dir=allowed,
+            allow_local=allowed is not None,
+            max_bytes=settings.limits.max_upload_bytes,
+            timeout_s=settings.fetch_timeout_s,
+            allow_private=settings.allow_private_urls,
+        )
+    except RequestError as exc:
+        status = 413 if "too large" in str(exc) else 400
+        raise APIError(status, settings.scrub(str(exc)), field) from exc
 
 
-def store(data: bytes, folder: Path, stem: str) -> tuple[Path, str]:
-    kind = sniff(data)
+def store_media(
+    data: bytes, folder: Path, field: str, settings: Settings, expect: str | None = None
+) -> tuple[Path, str]:
+    """Check decoded bounds and keep the media in the job's folder: images as RGB PNG, videos as they came.
+    Returns (path, "image" | "video")."""
+    limits = settings.limits
+    try:
+        info = probe_media(
+            data,
+            field,
+            max_pixels=limits.max_input_pixels,
+            max_frames=limits.max_input_frames,
+            max_seconds=limits.max_input_seconds,
+        )
+    except RequestError as exc:
+        raise APIError(400, str(exc), field) from exc
+    if expect is not None and info.kind != expect:
+        raise APIError(
+            400, f"{field} holds {'an' if info.kind == 'image' else 'a'} {info.kind}; it must be {expect}", field
+        )
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{stem}.{'png' if kind == 'image' else 'mp4'}"
-    if kind == "image":  # normalise to PNG so that any PIL-readable upload works later
+    stem = field.replace(".", "_").replace("[", "_").replace("]", "")
+    if info.kind == "image":
+        path = folder / f"{stem}.png"
         with Image.open(io.BytesIO(data)) as img:
             img.convert("RGB").save(path)
     else:
+        path = folder / f"{stem}.mp4"
         path.write_bytes(data)
-    return path, kind
+    return path, info.kind
 
 
-async def save_upload(upload: UploadFile, folder: Path, field: str, settings: Settings) -> tuple[Path, str]:
-    data = await upload.read(settings.max_upload_bytes + 1)
-    if len(data) > settings.max_upload_bytes:
-        raise APIError(413, f"{field} is larger than the {settings.max_upload_bytes // 2**20} MiB upload limit", field)
-    if not data:
-        raise APIError(400, f"{field} is empty", field)
-    return store(data, folder, field)
-
-
-def fetch(url: Any, folder: Path, field: str, settings: Settings) -> tuple[Path, str]:
-    """A URL, data URI or (allow-listed) local path -> a file in the job folder."""
-    if not isinstance(url, str) or not url:
-        raise APIError(400, f"{field} must be a URL, a data URI or a local path string", field)
-    allowed = settings.allowed_local_media_path
-    data = fetch_bytes(url, field, allowed_dir=allowed, allow_local=allowed is not None)
-    if len(data) > settings.max_upload_bytes:
-        raise APIError(413, f"{field} is larger than the {settings.max_upload_bytes // 2**20} MiB limit", field)
-    return store(data, folder, field.replace(".", "_"))
-
-
-def check_model(requested: str | None, settings: Settings) -> None:
-    if requested is not None and requested != settings.model_name:
-        raise APIError(400, f"Model mismatch: this server serves {settings.model_name!r}, not {requested!r}", "model")
+def store_file(data: bytes, folder: Path, field: str, suffix: str) -> Path:
+    """Non-media inputs (an action JSON file) kept as they came."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{field.replace('.', '_')}{suffix}"
+    path.write_bytes(data)
+    return path

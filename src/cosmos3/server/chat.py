@@ -1,0 +1,268 @@
+"""`POST /v1/chat/completions`: the Reasoner, OpenAI messages, `stream: true` as server-sent events.
+
+A conversation runs in a thread of its own pool and takes the engine from the job worker between batches
+(`Worker.exclusive`); the event loop only awaits it, so a conversation that waits for a long video never holds up
+other routes."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Literal
+
+from fastapi import APIRouter, Request
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from cosmos3.errors import RequestError
+from cosmos3.reasoning.reasoner import Sampling
+from cosmos3.server.errors import APIError
+from cosmos3.server.jobs import Worker
+from cosmos3.server.state import ServerState, state
+from cosmos3.server.wire import check_model, check_unicode, random_seed
+
+router = APIRouter()
+
+
+class VideoIO(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    fps: float | None = None
+    num_frames: int | None = Field(None, description="-1: every frame (vLLM's server default)")
+
+
+class MediaIO(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    video: VideoIO | None = None
+
+
+class ProcessorKwargs(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    fps: float | None = None
+    num_frames: int | None = None
+    do_sample_frames: bool | None = None
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool | None = None
+
+
+class ChatRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    messages: list[dict[str, Any]]
+    model: str | None = None
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    repetition_penalty: float | None = None
+    presence_penalty: float | None = None
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    n: int = Field(1, ge=1, le=1, description="one choice per request")
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    media_io_kwargs: MediaIO | None = Field(None, description='how video frames are sampled: {"video": {"fps": 4}}')
+    mm_processor_kwargs: ProcessorKwargs | None = Field(None, description="fps / num_frames; wins over media_io_kwargs")
+    user: str | None = None
+
+
+class ChatMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: ChatMessage
+    finish_reason: str
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class Conversations:
+    """The Reasoner's thread pool; at most `max_pending` conversations run or wait for the engine (more: 429)."""
+
+    def __init__(self, worker: Worker, max_pending: int):
+        self.worker, self.max_pending, self.pending = worker, max_pending, 0
+        self.pool = ThreadPoolExecutor(max_workers=max_pending, thread_name_prefix="cosmos3-chat")
+
+    def admit(self) -> None:
+        if self.pending >= self.max_pending:
+            raise APIError(429, f"{self.pending} conversations are running or waiting; retry later", None)
+        self.pending += 1
+
+    def release(self) -> None:
+        self.pending -= 1
+
+    async def complete(self, reasoner, messages: list[dict], sampling: Sampling, encode: dict):
+        def run():
+            with self.worker.exclusive():
+                return reasoner.complete([messages], sampling, **encode)[0]
+
+        self.admit()
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self.pool, run)
+        finally:
+            self.release()
+
+    async def stream(self, reasoner, messages: list[dict], sampling: Sampling, encode: dict):
+        """Start decoding in the pool; returns (first item, queue of the rest, stop event). An input error is the
+        first item, before any byte of the reply is sent, so that it can still be a 400."""
+        loop = asyncio.get_running_loop()
+        pieces: asyncio.Queue = asyncio.Queue()
+        stop = threading.Event()
+
+        def put(item: tuple[str, Any]) -> None:
+            try:
+                loop.call_soon_threadsafe(pieces.put_nowait, item)
+            except RuntimeError:  # the loop is gone (shutdown)
+                stop.set()
+
+        def run() -> None:
+            try:
+                with self.worker.exclusive():
+                    for piece in reasoner.stream(messages, sampling, **encode):
+                        if stop.is_set():  # the client went away: give the engine back
+                            break
+                        put(("piece", piece))
+                put(("end", None))
+            except Exception as exc:  # reported in the reply; the server keeps running
+                put(("error", exc))
+            finally:
+                loop.call_soon_threadsafe(self.release)
+
+        self.admit()
+        loop.run_in_executor(self.pool, run)
+        return await pieces.get(), pieces, stop
+
+
+def sampling_of(body: ChatRequest) -> tuple[Sampling, dict[str, Any]]:
+    sampling = Sampling(
+        max_tokens=body.max_completion_tokens or body.max_tokens or 256,
+        temperature=1.0 if body.temperature is None else body.temperature,
+        top_p=1.0 if body.top_p is None else body.top_p,
+        top_k=0 if body.top_k in (None, -1) else body.top_k,
+        repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
+        presence_penalty=0.0 if body.presence_penalty is None else body.presence_penalty,
+        seed=body.seed if body.seed is not None else random_seed(),
+        stop=[body.stop] if isinstance(body.stop, str) else list(body.stop or []),
+    )
+    encode: dict[str, Any] = {}
+    for source in (body.media_io_kwargs.video if body.media_io_kwargs else None, body.mm_processor_kwargs):
+        if source is None:
+            continue
+        if source.fps is not None:
+            encode["video_fps"] = source.fps
+        if source.num_frames is not None and source.num_frames != -1:
+            encode["video_num_frames"] = source.num_frames
+    return sampling, encode
+
+
+def text_chars(messages: list[dict]) -> int:
+    total = 0
+    for message in messages:
+        content = message.get("content")
+        if isinstance(content, str):
+            total += len(content)
+        elif isinstance(content, list):
+            total += sum(len(p["text"]) for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
+    return total
+
+
+def check(server: ServerState, body: ChatRequest) -> tuple[Any, Sampling, dict[str, Any]]:
+    settings, engine = server.settings, server.engine
+    check_model(body.model, settings)
+    if engine.reasoner is None:
+        raise APIError(400, "this server was started without the Reasoner", "model")
+    check_unicode(body.messages, "messages")
+    chars = text_chars(body.messages)
+    if chars > settings.limits.max_chat_chars:
+        raise APIError(
+            400, f"messages hold {chars} characters; this server accepts {settings.limits.max_chat_chars}", "messages"
+        )
+    sampling, encode = sampling_of(body)
+    try:
+        sampling.check()
+        settings.limits.check_tokens(sampling.max_tokens)
+    except RequestError as exc:
+        raise APIError(400, str(exc), exc.field) from exc
+    return engine.reasoner, sampling, encode
+
+
+@router.post(
+    "/v1/chat/completions",
+    response_model=ChatCompletion,
+    responses={200: {"content": {"text/event-stream": {}}, "description": "chat.completion.chunk events with stream"}},
+)
+async def chat_completions(body: ChatRequest, request: Request):
+    server = state(request)
+    conversations: Conversations = request.app.state.conversations
+    reasoner, sampling, encode = check(server, body)
+    created, completion_id, model = int(time.time()), f"chatcmpl-{uuid.uuid4().hex}", server.settings.model_name
+    if not body.stream:
+        reply = await conversations.complete(reasoner, body.messages, sampling, encode)
+        return ChatCompletion(
+            id=completion_id,
+            created=created,
+            model=model,
+            choices=[ChatChoice(index=0, message=ChatMessage(content=reply.text), finish_reason=reply.finish_reason)],
+            usage=Usage(
+                prompt_tokens=reply.prompt_tokens,
+                completion_tokens=reply.completion_tokens,
+                total_tokens=reply.prompt_tokens + reply.completion_tokens,
+            ),
+        )
+
+    first, pieces, stop = await conversations.stream(reasoner, body.messages, sampling, encode)
+    if first[0] == "error":
+        stop.set()
+        raise first[1]
+
+    def chunk(delta: dict, finish: str | None = None) -> str:
+        data = {
+            "id": completion_id,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": model,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+        }
+        return f"data: {json.dumps(data)}\n\n"
+
+    async def events():
+        try:
+            yield chunk({"role": "assistant", "content": ""})
+            kind, value = first
+            while True:
+                if kind == "piece":
+                    yield chunk({"content": value})
+                elif kind == "end":
+                    yield chunk({}, "stop")
+                    break
+                else:
+                    error_type = "BadRequestError" if isinstance(value, RequestError) else "InternalServerError"
+                    yield f"data: {json.dumps({'error': {'message': str(value), 'type': error_type}})}\n\n"
+                    break
+                kind, value = await pieces.get()
+            yield "data: [DONE]\n\n"
+        finally:
+            stop.set()
+
+    return StreamingResponse(events(), media_type="text/event-stream")

@@ -1,0 +1,39 @@
+"""The server's settings: passed to `create_app`, kept on the app's state, never global."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cosmos3.server.limits import Limits
+
+
+@dataclass
+class Settings:
+    model_name: str = "cosmos3"  # the id clients send as `model` and see in /v1/models
+    api_key: str | None = None
+    max_queue: int = 16
+    max_batch: int = 4  # queued text2image/text2video requests of one shape denoised together
+    allowed_local_media_path: Path | None = None  # local paths in requests must resolve under it; None: refused
+    allow_private_urls: bool = False  # fetch media from loopback / private / link-local addresses
+    jobs_db: Path = Path("cosmos3-server/jobs.db")
+    outputs_dir: Path = Path("cosmos3-server/outputs")
+    retention_s: float = 24 * 3600.0
+    retry_after_s: int = 30
+    sync_timeout_s: float = 600.0  # the synchronous routes answer 504 (and cancel the job) after this
+    fetch_timeout_s: float = 20.0  # total, per media URL
+    abort_timeout_s: float = 2.0  # DELETE of a running job waits this long for it to stop, then answers 409
+    shutdown_grace_s: float = 3.0  # on shutdown, wait this long for the running step before marking it interrupted
+    graceful_shutdown_s: float = 2.0  # on shutdown, wait this long for open requests
+    header_timeout_s: float = 10.0  # a request's headers must arrive within this
+    body_timeout_s: float = 300.0  # a request's whole body must arrive within this ...
+    body_idle_timeout_s: float = 30.0  # ... with no pause longer than this
+    keep_alive_s: float = 5.0
+    limits: Limits = field(default_factory=Limits)
+
+    def scrub(self, message: str) -> str:
+        """An error message without the server's own paths (job folders hold uploads and fetched media)."""
+        for root in {str(self.outputs_dir.resolve()), str(self.outputs_dir)}:
+            message = re.sub(re.escape(root) + r"/[^\s'\"]*", "<request media>", message)
+        return message
