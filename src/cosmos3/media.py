@@ -183,6 +183,8 @@ def _fetch_http(url: str, field: str, max_bytes: int, timeout_s: float, allow_pr
                 raise _Unavailable()
             return data
         raise _Unavailable()  # too many redirects
+    except RequestError:
+        raise
     except (_Unavailable, OSError, http.client.HTTPException, ValueError) as exc:
         raise unavailable from exc
 
@@ -199,7 +201,8 @@ def _get(parts, port: int, ip: str, max_bytes: int, deadline: float) -> tuple[in
     try:
         target = urllib.parse.urlunsplit(("", "", parts.path or "/", parts.query, ""))
         conn.request("GET", target, headers={"User-Agent": "cosmos3", "Accept-Encoding": "identity"})
-        conn.sock.settimeout(remaining())
+        sock = conn.sock  # the connection drops its reference once a closing response is read
+        sock.settimeout(remaining())
         resp = conn.getresponse()
         if resp.status != 200:
             return resp.status, resp.getheader("Location"), b""
@@ -208,7 +211,7 @@ def _get(parts, port: int, ip: str, max_bytes: int, deadline: float) -> tuple[in
             raise _Unavailable()
         chunks, size = [], 0
         while True:
-            conn.sock.settimeout(remaining())
+            sock.settimeout(remaining())
             chunk = resp.read1(65536)
             if not chunk:
                 break
@@ -255,7 +258,9 @@ def probe_media(
         ) from exc
     except RequestError:
         raise
-    except Exception as exc:  # not an image (or a broken one): try a video
+    except Exception as exc:  # not an image: try a video
+        if _looks_like_image(data):
+            raise RequestError(field, "<image>", "a readable JPEG/PNG/WebP image", "cannot be decoded") from exc
         image_error = exc
     import av
 
@@ -263,8 +268,7 @@ def probe_media(
         container = av.open(io.BytesIO(data))
     except Exception as exc:
         what = "a readable image (JPEG/PNG/WebP) or video (MP4/MOV/MKV/WebM)"
-        why = "cannot be decoded" if _looks_like_image(data) else "is neither an image nor a video"
-        raise RequestError(field, "<bytes>", what, why) from (image_error or exc)
+        raise RequestError(field, "<bytes>", what, "is neither an image nor a video") from (image_error or exc)
     with container:
         if not container.streams.video:
             raise RequestError(field, "<bytes>", "an image or a video with a video stream", "has no video stream")

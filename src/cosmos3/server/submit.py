@@ -51,33 +51,32 @@ async def wait_for_jobs(request: Request, server: ServerState, jobs: list[Job]) 
     (504), and a failure becomes its error response. Nothing here blocks the event loop."""
     loop = asyncio.get_running_loop()
     worker, timeout = server.worker, server.settings.sync_timeout_s
-    futures, callbacks = [], []
-    for job in jobs:
-        future = loop.create_future()
+    futures = {job.id: loop.create_future() for job in jobs}
 
-        def done(future=future) -> None:
+    def callback(future: asyncio.Future):
+        def done() -> None:  # on the worker's thread
             try:
                 loop.call_soon_threadsafe(lambda: future.done() or future.set_result(None))
             except RuntimeError:  # the loop is closed (shutdown)
                 pass
 
-        if worker.when_done(job.id, done):
-            futures.append(future)
-            callbacks.append((job.id, done))
-    if futures:
+        return done
+
+    callbacks = {job_id: callback(future) for job_id, future in futures.items()}
+    registered = await server.blocking(lambda: [i for i, cb in callbacks.items() if worker.when_done(i, cb)])
+    if registered:
         gone = asyncio.ensure_future(_disconnected(request))
-        everything = asyncio.ensure_future(asyncio.gather(*futures))
+        everything = asyncio.ensure_future(asyncio.gather(*(futures[i] for i in registered)))
         try:
             finished, _ = await asyncio.wait({everything, gone}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
         except asyncio.CancelledError:  # the server is stopping (or the client went away mid-await)
             if not worker.stopping:
-                await server.blocking(_cancel_all, worker, jobs)
+                server.inputs.submit(_cancel_all, worker, jobs)
             raise
         finally:
             gone.cancel()
             everything.cancel()
-            for job_id, callback in callbacks:
-                worker.forget(job_id, callback)
+            server.inputs.submit(lambda: [worker.forget(i, callbacks[i]) for i in registered])
         if everything not in finished:
             await server.blocking(_cancel_all, worker, jobs)
             if gone in finished:

@@ -458,7 +458,7 @@ async def delete_video(request: Request, video_id: str):
             except TimeoutError:
                 pass
             finally:
-                server.worker.forget(video_id, done)
+                server.inputs.submit(server.worker.forget, video_id, done)
         job = await server.blocking(get_job, server, video_id)
         if job.status not in FINAL:
             raise APIError(
