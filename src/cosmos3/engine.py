@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import warnings
@@ -30,6 +31,7 @@ from cosmos3.loading.components import (
 from cosmos3.loading.config import TransformerConfig
 from cosmos3.parallel.launch import on_all_ranks
 from cosmos3.parallel.layout import SINGLE, Groups, Layout
+from cosmos3.parallel.offload import offload_layers
 from cosmos3.reasoning.reasoner import Reasoner, Sampling
 
 logger = logging.getLogger(__name__)
@@ -91,9 +93,14 @@ class Engine:
             files = weight_files(path / "transformer")
         else:
             cfg, files = reasoner_text_config(root_config), weight_files(path)
+        # With layerwise offload the weights are read into host memory: the GPU never holds every layer at once.
+        load_device = torch.device("cpu") if layerwise_offload else self.device
         self.transformer, vision_weights = load_transformer(
-            cfg, files, self.device, self.dtype, generator="generator" in self.surfaces, groups=groups
+            cfg, files, load_device, self.dtype, generator="generator" in self.surfaces, groups=groups
         )
+        if layerwise_offload:
+            offload_layers(self.transformer, self.device)
+            vision_weights = {k: v.to(self.device) for k, v in vision_weights.items()}
         if fp8 and groups.tp is not None:
             raise RequestError("fp8", True, "false with tensor_parallel_size > 1 (not combined yet)")
         if fp8 and "generator" in self.surfaces:  # opt-in: changes results beyond bf16 noise
@@ -359,7 +366,20 @@ def load(
     )
     groups = SINGLE
     if layout.world_size > 1:
-        from cosmos3.parallel.launch import start
+        from cosmos3.parallel.launch import ready, start, stop
 
         groups, device = start(layout, device, Engine, {**options, "guardrails": False})
+        try:
+            engine = Engine(device=device, guardrails=guardrails, groups=groups, **options)
+        except Exception as exc:  # tell the other ranks, then report rank 0's own error
+            with contextlib.suppress(RuntimeError):
+                ready(f"{type(exc).__name__}: {exc}")
+            stop()
+            raise
+        try:
+            ready(None)
+        except RuntimeError:
+            stop()
+            raise
+        return engine
     return Engine(device=device, guardrails=guardrails, groups=groups, **options)

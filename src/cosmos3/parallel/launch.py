@@ -74,8 +74,30 @@ def _free_port() -> int:
 def _child(rank: int, layout: Layout, device: torch.device, port: int, build: Callable, kwargs: dict) -> None:
     device = rank_device(device, rank)
     groups = _init(rank, layout, device, "127.0.0.1", port)
-    follow(build(device=device, groups=groups, **kwargs))
+    _build_and_follow(build, device, groups, kwargs)
     dist.destroy_process_group()
+
+
+def _build_and_follow(build: Callable, device: torch.device, groups: Groups, kwargs: dict) -> None:
+    try:
+        engine = build(device=device, groups=groups, **kwargs)
+    except Exception as exc:
+        ready(f"{type(exc).__name__}: {exc}")
+        return
+    if ready(None):
+        follow(engine)
+
+
+def ready(error: str | None) -> bool:
+    """Every rank says whether it loaded; all go on only if all did (a rank that failed would otherwise leave the
+    others waiting in their first collective). Rank 0 raises the first failure; the others return False."""
+    errors: list[str | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(errors, error)
+    failed = [(rank, e) for rank, e in enumerate(errors) if e is not None]
+    if failed and dist.get_rank() == 0:
+        rank, message = failed[0]
+        raise RuntimeError(f"rank {rank} could not load the engine: {message}")
+    return not failed
 
 
 def start(layout: Layout, device: torch.device, build: Callable[..., Any], kwargs: dict) -> tuple[Groups, torch.device]:
@@ -96,7 +118,7 @@ def start(layout: Layout, device: torch.device, build: Callable[..., Any], kwarg
         dist.init_process_group(backend_for(device), timeout=COLLECTIVE_TIMEOUT)
         groups = make_groups(layout)
         if not groups.leader:
-            follow(build(device=device, groups=groups, **kwargs))
+            _build_and_follow(build, device, groups, kwargs)
             dist.destroy_process_group()
             raise SystemExit(0)
     else:
@@ -120,6 +142,7 @@ def follow(engine: Any) -> None:
     while True:
         message = share(None)
         if message == STOP:
+            dist.barrier()  # rank 0 keeps the group up until every rank has read STOP
             return
         name, args, kwargs = message
         try:
@@ -134,10 +157,15 @@ _children: list = []  # the ranks this process started
 def stop() -> None:
     """On rank 0: release the followers, end the process group and wait for the ranks it started."""
     if dist.is_initialized() and dist.get_rank() == 0:
-        share(STOP)
+        try:
+            share(STOP)
+            dist.barrier()
+        except RuntimeError:  # a follower is gone already (it failed to load, or was killed)
+            logger.warning("a follower rank had already stopped")
         dist.destroy_process_group()
     while _children:
         _children.pop().join(timeout=60)
+    atexit.unregister(stop)
 
 
 def on_all_ranks(groups: Groups, name: str, *args: Any, **kwargs: Any) -> None:

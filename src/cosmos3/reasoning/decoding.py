@@ -15,6 +15,7 @@ import torch
 
 from cosmos3.errors import RequestError
 from cosmos3.model.transformer import Cosmos3Transformer, KVCache
+from cosmos3.parallel.offload import OffloadedLayers
 
 
 @dataclass
@@ -70,9 +71,9 @@ class DecodeStep:
     """Runs a static-shape decode step eagerly, or on a GPU captures it once in a CUDA graph and replays it: a
     token then costs one launch instead of a few hundred (decoding is bound by launch overhead otherwise)."""
 
-    def __init__(self, step: Callable[[], torch.Tensor], device: torch.device):
+    def __init__(self, step: Callable[[], torch.Tensor], device: torch.device, graph: bool = True):
         self.step = step
-        self.use_graph = device.type == "cuda"
+        self.use_graph = graph and device.type == "cuda"
         self.graph = None
         self.output: torch.Tensor | None = None
 
@@ -163,7 +164,9 @@ def token_stream(
     step_tokens = torch.zeros(rows, dtype=torch.long, device=device)
     step_positions = torch.zeros(3, rows, 1, dtype=torch.long, device=device)
     write_at = torch.zeros(1, dtype=torch.long, device=device)
-    decode = DecodeStep(lambda: model.decode_step(step_tokens, step_positions, cache, write_at, slots), device)
+    # A CUDA graph replays fixed weight addresses and no collectives: not with offloaded layers or TP all-reduces.
+    graph = device.type == "cuda" and model.groups.tp is None and not isinstance(model.layers, OffloadedLayers)
+    decode = DecodeStep(lambda: model.decode_step(step_tokens, step_positions, cache, write_at, slots), device, graph)
 
     generator = torch.Generator(device=device).manual_seed(params.seed)
     seen = [p.input_ids.tolist() for p in prompts]

@@ -1,0 +1,90 @@
+"""Layerwise offload: the transformer layers live in pinned CPU memory and are copied to the GPU a layer or two
+ahead of use on a side stream, so the copy of layer i+1 overlaps the compute of layer i. GPU memory then holds the
+embeddings, heads and `ahead + 1` layers instead of all of them (the weights of one Nano layer are ~0.5 GiB in bf16
+of ~16 GiB), for every pass: the denoiser's, the prompt cache's and the Reasoner's.
+
+It works by position: the model reads its layers in order (`for layer in self.layers`, `self.layers[i]`), so a
+`ModuleList` that loads on access knows what comes next.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class OffloadedLayers(nn.ModuleList):
+    """`model.layers` whose parameters stay on the CPU, pinned, except the layers in use and `ahead` after them."""
+
+    def setup(self, device: torch.device, ahead: int = 1) -> None:
+        self.device, self.ahead = device, ahead
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self.host: list[dict[str, torch.Tensor]] = []
+        for layer in nn.ModuleList.__iter__(self):  # not our __iter__, which would load each layer
+            pinned = {}
+            for name, param in layer.named_parameters():
+                if param.is_meta:  # a pathway this engine does not load (e.g. generation, Reasoner only)
+                    continue
+                host = param.data.to("cpu")
+                pinned[name] = host.pin_memory() if self.stream is not None else host
+                param.data = pinned[name]
+            self.host.append(pinned)
+        self.ready: dict[int, torch.cuda.Event | None] = {}  # layer -> copy finished (None: on the CPU path)
+
+    def __iter__(self):
+        for i in range(len(self)):
+            yield self[i]
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            raise TypeError("an offloaded layer list is read one layer at a time")
+        i = index % len(self)
+        for j in range(self.ahead + 1):  # this layer and the next `ahead`, wrapping to the next pass
+            self._fetch((i + j) % len(self))
+        event = self.ready[i]
+        if event is not None:
+            torch.cuda.current_stream(self.device).wait_event(event)
+        for j in list(self.ready):  # layers behind the window go back to their pinned host copies
+            if (j - i) % len(self) > self.ahead:
+                self._release(j)
+        return nn.ModuleList.__getitem__(self, i)
+
+    def _fetch(self, i: int) -> None:
+        if i in self.ready:
+            return
+        layer = nn.ModuleList.__getitem__(self, i)
+        if self.stream is None:
+            for name, param in layer.named_parameters():
+                if name in self.host[i]:
+                    param.data = self.host[i][name].to(self.device)
+            self.ready[i] = None
+            return
+        compute = torch.cuda.current_stream(self.device)
+        self.stream.wait_stream(compute)  # the memory it reuses must be free of earlier work
+        with torch.cuda.stream(self.stream):
+            for name, param in layer.named_parameters():
+                if name not in self.host[i]:
+                    continue
+                gpu = self.host[i][name].to(self.device, non_blocking=True)
+                gpu.record_stream(compute)  # used on the compute stream: not reused before that work ends
+                param.data = gpu
+            event = torch.cuda.Event()
+            event.record(self.stream)
+        self.ready[i] = event
+
+    def _release(self, i: int) -> None:
+        layer = nn.ModuleList.__getitem__(self, i)
+        for name, param in layer.named_parameters():
+            if name in self.host[i]:
+                param.data = self.host[i][name]
+        del self.ready[i]
+
+
+def offload_layers(model: nn.Module, device: torch.device, ahead: int = 1) -> None:
+    """For a model loaded on the CPU: everything but the layers moves to `device`; the layers become an
+    `OffloadedLayers` in pinned host memory, streamed to `device` as they are used."""
+    for name, param in model.named_parameters():
+        if not name.startswith("layers.") and not param.is_meta:
+            param.data = param.data.to(device)
+    model.layers.__class__ = OffloadedLayers
+    model.layers.setup(device, ahead)
