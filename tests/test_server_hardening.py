@@ -49,6 +49,7 @@ class MediaHost:
 
     def __init__(self):
         image = png_bytes(64, 48)
+        self.slow_started = slow_started = threading.Event()
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def log_message(self, *args):
@@ -61,6 +62,7 @@ class MediaHost:
                     self.end_headers()
                     self.wfile.write(image)
                 elif self.path == "/slow":
+                    slow_started.set()
                     self.send_response(200)
                     self.end_headers()
                     try:
@@ -165,7 +167,7 @@ def test_a_slow_url_has_a_total_deadline_and_does_not_block_other_routes(engine,
             )
         )
         thread.start()
-        time.sleep(0.3)  # the fetch is under way (the URL trickles a byte every 50 ms)
+        assert host.slow_started.wait(10)  # the fetch is under way (the URL trickles a byte every 50 ms)
         t0 = time.monotonic()
         assert httpx.get(f"{server.url}/health", timeout=5).status_code == 200
         assert time.monotonic() - t0 < 1.0
@@ -256,6 +258,22 @@ def test_shutdown_mid_step_is_quick_and_marks_the_job_interrupted(engine, settin
     gate.open()  # the step ends later: the record stays as the shutdown left it
     server.app.state.worker._threads[0].join(30)
     assert server.app.state.store.get(job["id"]).status == "failed"
+
+
+def test_a_conversation_whose_client_left_gives_the_engine_back(engine, live, monkeypatch):
+    gate = Gate(engine, monkeypatch)
+    streamed = []
+    original = engine.reasoner.stream
+    monkeypatch.setattr(engine.reasoner, "stream", lambda *a, **k: streamed.append(1) or original(*a, **k))
+    httpx.post(f"{live.url}/v1/videos", data={"prompt": "a", **SMALL})
+    assert gate.entered.wait(30)
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "stream": True}
+    with pytest.raises(httpx.ReadTimeout):  # gives up while the video holds the engine
+        httpx.post(f"{live.url}/v1/chat/completions", json=body, timeout=httpx.Timeout(30, read=1.0))
+    conversations = live.app.state.conversations
+    gate.open()
+    wait_until(lambda: conversations.pending == 0)
+    assert streamed == [] and not live.app.state.worker.engine_lock.locked()
 
 
 @pytest.mark.parametrize("route", ["/v1/videos/sync", "/predict"])

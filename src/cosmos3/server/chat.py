@@ -23,6 +23,7 @@ from cosmos3.reasoning.reasoner import Sampling
 from cosmos3.server.errors import APIError
 from cosmos3.server.jobs import Worker
 from cosmos3.server.state import ServerState, state
+from cosmos3.server.submit import disconnected
 from cosmos3.server.wire import check_model, check_unicode, random_seed
 
 router = APIRouter()
@@ -123,9 +124,10 @@ class Conversations:
         finally:
             self.release()
 
-    async def stream(self, reasoner, messages: list[dict], sampling: Sampling, encode: dict):
+    async def stream(self, request: Request, reasoner, messages: list[dict], sampling: Sampling, encode: dict):
         """Start decoding in the pool; returns (first item, queue of the rest, stop event). An input error is the
-        first item, before any byte of the reply is sent, so that it can still be a 400."""
+        first item, before any byte of the reply is sent, so that it can still be a 400. A client that goes away
+        while the conversation waits for the engine ends it (the first item is then None)."""
         loop = asyncio.get_running_loop()
         pieces: asyncio.Queue = asyncio.Queue()
         stop = threading.Event()
@@ -139,6 +141,8 @@ class Conversations:
         def run() -> None:
             try:
                 with self.worker.exclusive():
+                    if stop.is_set():  # the client went away while the engine was busy
+                        return
                     for piece in reasoner.stream(messages, sampling, **encode):
                         if stop.is_set():  # the client went away: give the engine back
                             break
@@ -151,7 +155,15 @@ class Conversations:
 
         self.admit()
         loop.run_in_executor(self.pool, run)
-        return await pieces.get(), pieces, stop
+        first = asyncio.ensure_future(pieces.get())
+        gone = asyncio.ensure_future(disconnected(request))
+        await asyncio.wait({first, gone}, return_when=asyncio.FIRST_COMPLETED)
+        gone.cancel()
+        if not first.done():
+            first.cancel()
+            stop.set()
+            return None, pieces, stop
+        return first.result(), pieces, stop
 
 
 def sampling_of(body: ChatRequest) -> tuple[Sampling, dict[str, Any]]:
@@ -231,7 +243,9 @@ async def chat_completions(body: ChatRequest, request: Request):
             ),
         )
 
-    first, pieces, stop = await conversations.stream(reasoner, body.messages, sampling, encode)
+    first, pieces, stop = await conversations.stream(request, reasoner, body.messages, sampling, encode)
+    if first is None:
+        raise APIError(499, "the client closed the request")
     if first[0] == "error":
         stop.set()
         raise first[1]

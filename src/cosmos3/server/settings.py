@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
 from pathlib import Path
 
 from cosmos3.server.limits import Limits
@@ -31,6 +31,17 @@ class Settings:
     body_idle_timeout_s: float = 30.0  # ... with no pause longer than this
     keep_alive_s: float = 5.0
     limits: Limits = field(default_factory=Limits)
+    # Shortcuts for the most used limits (`Settings(max_pixels=...)` sets `limits.max_pixels`).
+    max_steps: InitVar[int | None] = None
+    max_frames: InitVar[int | None] = None
+    max_pixels: InitVar[int | None] = None
+    max_tokens: InitVar[int | None] = None
+    max_upload_bytes: InitVar[int | None] = None
+
+    def __post_init__(self, max_steps, max_frames, max_pixels, max_tokens, max_upload_bytes) -> None:
+        for name, value in locals().items():
+            if name != "self" and value is not None:
+                setattr(self.limits, name, value)
 
     def scrub(self, message: str) -> str:
         """An error message without the server's own paths (job folders hold uploads and fetched media)."""

@@ -38,7 +38,7 @@ def failure(job: Job) -> APIError:
     return APIError(error.get("code", 500), error.get("message", "generation failed"), error.get("param"))
 
 
-async def _disconnected(request: Request) -> None:
+async def disconnected(request: Request) -> None:
     """Returns when the client has gone (the body was read already, so the next message is the disconnect)."""
     while True:
         message = await request.receive()
@@ -65,7 +65,7 @@ async def wait_for_jobs(request: Request, server: ServerState, jobs: list[Job]) 
     callbacks = {job_id: callback(future) for job_id, future in futures.items()}
     registered = await server.blocking(lambda: [i for i, cb in callbacks.items() if worker.when_done(i, cb)])
     if registered:
-        gone = asyncio.ensure_future(_disconnected(request))
+        gone = asyncio.ensure_future(disconnected(request))
         everything = asyncio.ensure_future(asyncio.gather(*(futures[i] for i in registered)))
         try:
             finished, _ = await asyncio.wait({everything, gone}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
