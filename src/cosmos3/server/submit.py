@@ -5,6 +5,7 @@ away cancels its job), and read its output."""
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Iterator
 from typing import Any
 
@@ -15,6 +16,8 @@ from cosmos3.generation.request import GenerateRequest
 from cosmos3.server.errors import APIError
 from cosmos3.server.jobs import Job
 from cosmos3.server.state import ServerState
+
+logger = logging.getLogger(__name__)
 
 
 def resolve(server: ServerState, fields: dict[str, Any], dialect: str, wire: dict[str, str]) -> GenerateRequest:
@@ -28,6 +31,9 @@ def resolve(server: ServerState, fields: dict[str, Any], dialect: str, wire: dic
         server.settings.limits.check_request(req)
     except RequestError as exc:
         raise APIError(400, server.settings.scrub(str(exc)), wire.get(exc.field, exc.field)) from exc
+    except (TypeError, ValueError, KeyError, AttributeError) as exc:  # a value of a type no check expected
+        logger.warning("request fields the request model did not check: %r", exc)
+        raise APIError(400, f"a request field has a value of the wrong type ({type(exc).__name__}: {exc})") from exc
     return req
 
 
