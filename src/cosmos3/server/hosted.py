@@ -150,9 +150,8 @@ def queue_predict(server: ServerState, body: PredictRequest) -> Job:
             wire.setdefault("video", "vision_path")
         req = resolve(server, fields, "hosted", wire)
         name = body.name or f"sample_{uuid.uuid4().hex[:8]}"
-        return server.worker.submit(
-            "predict", req.__dict__, {"prompt": body.prompt, "mode": mode, "name": name}, job_id
-        )
+        info = {"prompt": body.prompt, "mode": mode, "name": name, "wire": {k: v for k, v in wire.items() if k != v}}
+        return server.worker.submit("predict", req.__dict__, info, job_id)
     except BaseException:
         shutil.rmtree(server.worker.job_dir(job_id), ignore_errors=True)
         raise

@@ -41,7 +41,13 @@ def failure(job: Job) -> APIError:
     error = job.error or {}
     if job.status == "cancelled":
         return APIError(409, f"job {job.id} was cancelled", "video_id")
-    return APIError(error.get("code", 500), error.get("message", "generation failed"), error.get("param"))
+    param = error.get("param")
+    return APIError(error.get("code", 500), error.get("message", "generation failed"), wire_name(job, param))
+
+
+def wire_name(job: Job, field: str | None) -> str | None:
+    """A request field as the job's client named it (routes keep their names in the job's info)."""
+    return job.info.get("wire", {}).get(field, field) if field else field
 
 
 async def disconnected(request: Request) -> None:

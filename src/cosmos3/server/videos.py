@@ -21,7 +21,7 @@ from cosmos3.server.errors import ERRORS, APIError, ErrorBody
 from cosmos3.server.inputs import fetch, read_upload, store_file, store_media
 from cosmos3.server.jobs import ACTIVE, FINAL, Job, new_id
 from cosmos3.server.state import ServerState, state
-from cosmos3.server.submit import open_output, read_output, resolve, wait_for_jobs
+from cosmos3.server.submit import open_output, read_output, resolve, wait_for_jobs, wire_name
 from cosmos3.server.wire import (
     SIZE_PATTERN,
     VLLM_WIRE,
@@ -122,7 +122,7 @@ def job_object(job: Job, server: ServerState) -> VideoJob:
         duration_s=result["num_frames"] / result["fps"] if "num_frames" in result else None,
         file_name=f"{job.id}.mp4" if job.status == "completed" else None,
         seed=job.request.get("seed"),
-        error=JobError(**job.error) if job.error else None,
+        error=JobError(**{**job.error, "param": wire_name(job, job.error.get("param"))}) if job.error else None,
         action=action,
     )
 
@@ -271,6 +271,7 @@ def queue_video(server: ServerState, form: VideoForm) -> Job:
             "fps": req.fps,
             "num_frames": req.num_frames,
             "mode": req.mode,
+            "wire": {k: v for k, v in wire.items() if k != v},
         }
         return worker.submit("videos", req.__dict__, info, job_id)
     except BaseException:
