@@ -324,18 +324,7 @@ def main() -> int:
     reasons = collections.Counter(message for status, message in final.values() if status == "failed")
     for message, n in reasons.most_common():
         print(f"  failed x{n}: {message}")
-    at_kill = {}
-    for j in soak.running_at_kill:
-        if j in soak.deleted:
-            at_kill[j] = "deleted by the soak"
-        elif j in final:
-            at_kill[j] = final[j]
-        else:
-            at_kill[j] = (
-                "not accepted?",
-                str(soak.accepted.get(j)),
-                httpx.get(f"{server.url}/v1/videos/{j}").text[:300],
-            )
+    at_kill = {j: "deleted by the soak" if j in soak.deleted else final.get(j, "?") for j in soak.running_at_kill}
     print(f"async jobs running at the kill, and what became of them: {at_kill}")
     print(f"lost jobs: {len(lost)} {lost[:10]}")
     stop_s = server.stop()
