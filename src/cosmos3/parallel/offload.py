@@ -16,12 +16,16 @@ from torch import nn
 class OffloadedLayers(nn.ModuleList):
     """`model.layers` whose parameters stay on the CPU, pinned, except the layers in use and `ahead` after them."""
 
-    def setup(self, device: torch.device, ahead: int = 1) -> None:
-        self.device, self.ahead = device, ahead
+    def setup(self, device: torch.device, ahead: int = 1, resident: int = 0) -> None:
+        self.device, self.ahead, self.resident = device, ahead, resident
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self.host: list[dict[str, torch.Tensor]] = []
-        for layer in nn.ModuleList.__iter__(self):  # not our __iter__, which would load each layer
+        for index, layer in enumerate(nn.ModuleList.__iter__(self)):  # not our __iter__: it would load each layer
             pinned = {}
+            if index < resident:  # stays on the GPU for good
+                layer.to(device)
+                self.host.append(pinned)
+                continue
             for name, param in layer.named_parameters():
                 if param.is_meta:  # a pathway this engine does not load (e.g. generation, Reasoner only)
                     continue
@@ -39,8 +43,14 @@ class OffloadedLayers(nn.ModuleList):
         if isinstance(index, slice):
             raise TypeError("an offloaded layer list is read one layer at a time")
         i = index % len(self)
+        if i < self.resident:
+            if i == 0:  # a new pass: the first streamed layers travel while the resident ones compute
+                for j in range(self.resident, min(len(self), self.resident + self.ahead + 1)):
+                    self._fetch(j)
+            return nn.ModuleList.__getitem__(self, i)
         for j in range(self.ahead + 1):  # this layer and the next `ahead`, wrapping to the next pass
-            self._fetch((i + j) % len(self))
+            if (i + j) % len(self) >= self.resident:
+                self._fetch((i + j) % len(self))
         event = self.ready[i]
         if event is not None:
             torch.cuda.current_stream(self.device).wait_event(event)
@@ -80,11 +90,11 @@ class OffloadedLayers(nn.ModuleList):
         del self.ready[i]
 
 
-def offload_layers(model: nn.Module, device: torch.device, ahead: int = 1) -> None:
-    """For a model loaded on the CPU: everything but the layers moves to `device`; the layers become an
-    `OffloadedLayers` in pinned host memory, streamed to `device` as they are used."""
+def offload_layers(model: nn.Module, device: torch.device, ahead: int = 1, resident: int = 0) -> None:
+    """Everything but the layers moves to `device`; the layers become an `OffloadedLayers` in pinned host memory,
+    streamed to `device` as they are used, except the first `resident` layers, which stay on `device`."""
     for name, param in model.named_parameters():
         if not name.startswith("layers.") and not param.is_meta:
             param.data = param.data.to(device)
     model.layers.__class__ = OffloadedLayers
-    model.layers.setup(device, ahead)
+    model.layers.setup(device, ahead, resident)
