@@ -21,7 +21,7 @@ sys.path.insert(0, "tests")
 from forward import SIZES, timed  # noqa: E402
 
 import cosmos3.model.layers as layers  # noqa: E402
-from cosmos3.loading.config import preset  # noqa: E402
+from cosmos3.config import preset  # noqa: E402
 from cosmos3.model.sequence import pack  # noqa: E402
 from cosmos3.model.transformer import Cosmos3Transformer  # noqa: E402
 

@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import torch
 
-from cosmos3.loading.config import TransformerConfig, preset
+from cosmos3.config import TransformerConfig, preset
 from cosmos3.model.sequence import Packed, pack
 from cosmos3.model.transformer import Cosmos3Transformer
 from cosmos3.parallel.layout import SINGLE, Groups

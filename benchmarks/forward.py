@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from cosmos3.loading.config import preset
+from cosmos3.config import preset
 from cosmos3.model.sequence import pack
 from cosmos3.model.transformer import Cosmos3Transformer
 

@@ -15,8 +15,8 @@ import time
 import numpy as np
 import torch
 
+from cosmos3.config import preset
 from cosmos3.loading.checkpoint import GENERATOR_ONLY
-from cosmos3.loading.config import preset
 from cosmos3.loading.tiny import build_tokenizer, tiny_vision_config, vision_token_ids
 from cosmos3.model.transformer import Cosmos3Transformer
 from cosmos3.reasoning.reasoner import Reasoner, Sampling

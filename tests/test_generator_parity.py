@@ -11,8 +11,8 @@ from diffusers import Cosmos3OmniPipeline, UniPCMultistepScheduler
 from PIL import Image
 
 import cosmos3
+from cosmos3.config import preset
 from cosmos3.generation.request import RESOLUTIONS
-from cosmos3.loading.config import preset
 from cosmos3.loading.tiny import write_pipeline
 
 PIPELINES = {

@@ -10,14 +10,13 @@ from transformers import Cosmos3OmniConfig, Cosmos3OmniForConditionalGeneration
 from transformers.video_utils import VideoMetadata
 
 import cosmos3
-from cosmos3.loading.config import preset
+from cosmos3.config import preset
 from cosmos3.loading.tiny import build_tokenizer, write_pipeline, write_reasoner_config
 from cosmos3.reasoning import messages
 from cosmos3.reasoning.decoding import Sampling, token_stream
 from cosmos3.reasoning.messages import REASONING_SUFFIX
 from cosmos3.reasoning.reasoner import split_reasoning
-
-from reference import randomize
+from cosmos3.reference import randomize
 
 
 @pytest.fixture(scope="module")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import threading
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -12,6 +13,7 @@ from typing import Any
 
 import torch
 
+from cosmos3.config import TransformerConfig
 from cosmos3.errors import Cancelled, RequestError
 from cosmos3.generation.codecs import SoundCodec, VideoCodec
 from cosmos3.generation.parts import Parts
@@ -28,7 +30,6 @@ from cosmos3.loading.components import (
     reasoner_text_config,
     resolve_path,
 )
-from cosmos3.loading.config import TransformerConfig
 from cosmos3.parallel.launch import on_all_ranks
 from cosmos3.parallel.layout import SINGLE, Groups, Layout
 from cosmos3.parallel.offload import offload_layers
@@ -69,6 +70,9 @@ class Engine:
         from transformers import AutoTokenizer
 
         self.groups = groups
+        # In a parallel layout every call is mirrored on the other ranks in order: one at a time (a null lock when
+        # there is one process, so that single-GPU callers keep their own concurrency).
+        self._ranks_lock = threading.Lock() if groups.distributed else contextlib.nullcontext()
         if not groups.leader:  # rank 0 checks prompts and outputs for every rank
             guardrails = False
 
@@ -239,8 +243,9 @@ class Engine:
         """Admitted requests through the Generator, on every rank of a parallel layout (rank 0 shares them)."""
         if not reqs:
             return []
-        on_all_ranks(self.groups, "_run", reqs)
-        return self.generator.run(reqs, on_steps or [None] * len(reqs), progress and self.groups.leader)
+        with self._ranks_lock:
+            on_all_ranks(self.groups, "_run", reqs)
+            return self.generator.run(reqs, on_steps or [None] * len(reqs), progress and self.groups.leader)
 
     def close(self) -> None:
         """Release the other ranks of a parallel layout (also done at exit); the engine is unusable after."""
@@ -293,19 +298,21 @@ class Engine:
 
     @torch.inference_mode()
     def _complete(self, conversations: list[list[dict]], params: Sampling, encode: dict) -> list:
-        on_all_ranks(self.groups, "_complete", conversations, params, encode)
-        return self._reasoner().complete(conversations, params, **encode)
+        with self._ranks_lock:
+            on_all_ranks(self.groups, "_complete", conversations, params, encode)
+            return self._reasoner().complete(conversations, params, **encode)
 
     def _stream(self, messages: list[dict], params: Sampling, encode: dict) -> Iterator[str]:
         reasoner = self._reasoner()
-        on_all_ranks(self.groups, "_drain", messages, params, encode)
-        pieces = reasoner.stream(messages, params, **encode)
-        try:
-            yield from pieces
-        finally:  # a caller that stops early must not leave the other ranks in the middle of a decode
-            if self.groups.distributed:
-                for _ in pieces:
-                    pass
+        with self._ranks_lock:
+            on_all_ranks(self.groups, "_drain", messages, params, encode)
+            pieces = reasoner.stream(messages, params, **encode)
+            try:
+                yield from pieces
+            finally:  # a caller that stops early must not leave the other ranks in the middle of a decode
+                if self.groups.distributed:
+                    for _ in pieces:
+                        pass
 
     def _drain(self, messages: list[dict], params: Sampling, encode: dict) -> None:
         """A follower's part of `reason_stream`: the same decode, its text unused."""

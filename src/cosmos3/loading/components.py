@@ -7,8 +7,8 @@ from pathlib import Path
 
 import torch
 
+from cosmos3.config import TransformerConfig
 from cosmos3.loading.checkpoint import GENERATOR_ONLY, CheckpointError, load_weights
-from cosmos3.loading.config import TransformerConfig
 from cosmos3.model.transformer import Cosmos3Transformer
 from cosmos3.parallel.layout import SINGLE, Groups
 from cosmos3.parallel.tensor import head_split, local_config, slices, use_row_parallel

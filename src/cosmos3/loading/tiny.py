@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from cosmos3.loading.config import TransformerConfig, preset
+from cosmos3.config import TransformerConfig, preset
 
 TINY_VERSION = "2"
 

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from cosmos3.loading.config import TransformerConfig
+from cosmos3.config import TransformerConfig
 
 
 class RMSNorm(nn.Module):

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from cosmos3.loading.config import TransformerConfig
+from cosmos3.config import TransformerConfig
 
 
 @dataclass

@@ -11,7 +11,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from cosmos3.loading.config import TransformerConfig
+from cosmos3.config import TransformerConfig
 from cosmos3.model.layers import (
     DomainLinear,
     MoTDecoderLayer,

@@ -17,8 +17,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from cosmos3.config import TransformerConfig
 from cosmos3.errors import RequestError
-from cosmos3.loading.config import TransformerConfig
 
 
 @dataclasses.dataclass(frozen=True)
