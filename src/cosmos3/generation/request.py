@@ -285,7 +285,7 @@ def _check_action(r: GenerateRequest) -> None:
         raise RequestError(
             "domain_name", None, ", ".join(sorted(k for k, v in EMBODIMENTS.items() if v[1])), "is missing"
         )
-    if r.domain_name not in EMBODIMENTS or EMBODIMENTS[r.domain_name][1] is None:
+    if not isinstance(r.domain_name, str) or r.domain_name not in EMBODIMENTS or EMBODIMENTS[r.domain_name][1] is None:
         raise RequestError("domain_name", r.domain_name, ", ".join(sorted(k for k, v in EMBODIMENTS.items() if v[1])))
     width = EMBODIMENTS[r.domain_name][1]
     if r.raw_action_dim is not None and r.raw_action_dim != width:

@@ -19,7 +19,7 @@ from cosmos3.errors import RequestError
 from cosmos3.media import fetch_bytes
 from cosmos3.model.transformer import Cosmos3Transformer
 from cosmos3.reasoning.decoding import Prompt, Sampling, prompt_logits, token_stream
-from cosmos3.reasoning.messages import MediaReader, template_messages, video_sampling
+from cosmos3.reasoning.messages import MAX_MEDIA_BYTES, MediaReader, template_messages, video_sampling
 
 
 @dataclass
@@ -88,6 +88,7 @@ class Reasoner:
         self.eos_token_ids = sorted(i for i in ids if i is not None)
         self.allowed_media_dir = allowed_media_dir
         self.allow_local = True  # a server without an allowed media folder turns local paths off
+        self.allow_private: bool | None = None  # URLs to private addresses: None follows fetch_bytes' rule
 
     @property
     def device(self) -> torch.device:
@@ -118,7 +119,14 @@ class Reasoner:
         return self._vision_prompt(text, images, videos, sampling)
 
     def _fetch(self, url: str, field: str) -> bytes:
-        return fetch_bytes(url, field, self.allowed_media_dir, self.allow_local)
+        return fetch_bytes(
+            url,
+            field,
+            self.allowed_media_dir,
+            self.allow_local,
+            max_bytes=MAX_MEDIA_BYTES,
+            allow_private=self.allow_private,
+        )
 
     def _text_prompt(self, ids: torch.Tensor) -> Prompt:
         positions = torch.arange(len(ids), device=self.device).expand(3, -1)

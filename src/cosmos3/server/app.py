@@ -54,6 +54,7 @@ def create_app(engine: Any, settings: Settings | None = None) -> FastAPI:
     if engine.reasoner is not None:  # chat media follow the same local-path rule as generation media
         engine.reasoner.allowed_media_dir = settings.allowed_local_media_path
         engine.reasoner.allow_local = settings.allowed_local_media_path is not None
+        engine.reasoner.allow_private = settings.allow_private_urls
     install_error_handlers(app)
     app.add_middleware(Guard, settings=settings)
     for router in (discovery.router, images.router, videos.router, chat.router, hosted.router):
