@@ -77,7 +77,7 @@ def random_transformer_weights(cfg: TransformerConfig, seed: int = 0) -> dict[st
     """Deterministic weights with healthy scales: linears ~ U(+-1/sqrt(fan_in)), norms ~ 1, embeddings ~ N(0, 0.02)."""
     from cosmos3.model.transformer import Cosmos3Transformer
 
-    gen = torch.Generator().manual_seed(seed)
+    rng = torch.Generator().manual_seed(seed)
     with torch.device("meta"):
         model = Cosmos3Transformer(cfg)
     weights = {}
@@ -85,15 +85,15 @@ def random_transformer_weights(cfg: TransformerConfig, seed: int = 0) -> dict[st
         shape = tuple(param.shape)
         module = name.rpartition(".")[0].rpartition(".")[2]
         if "norm" in module:
-            w = 1.0 + 0.1 * torch.randn(shape, generator=gen)
+            w = 1.0 + 0.1 * torch.randn(shape, generator=rng)
         elif len(shape) == 2 and not name.endswith(("fc.weight", "bias.weight", "embed_tokens.weight")):
             bound = shape[1] ** -0.5
-            w = (torch.rand(shape, generator=gen) * 2 - 1) * bound
+            w = (torch.rand(shape, generator=rng) * 2 - 1) * bound
         elif name.endswith("fc.weight"):  # DomainLinear rows: a flattened [in, out] matrix per domain
             fan_in = cfg.action_dim if "proj_in" in name else cfg.hidden_size
-            w = (torch.rand(shape, generator=gen) * 2 - 1) * fan_in**-0.5
+            w = (torch.rand(shape, generator=rng) * 2 - 1) * fan_in**-0.5
         else:
-            w = 0.02 * torch.randn(shape, generator=gen)
+            w = 0.02 * torch.randn(shape, generator=rng)
         weights[name] = w.contiguous()
     return weights
 
@@ -127,7 +127,7 @@ def write_pipeline(
 
     torch.manual_seed(seed)
     z = cfg.latent_channel
-    gen = torch.Generator().manual_seed(seed + 1)
+    rng = torch.Generator().manual_seed(seed + 1)
     if vae_spatial not in (8, 16):
         raise ValueError(f"vae_spatial={vae_spatial} is not supported; allowed: 8 (Wan2.1-style), 16 (Cosmos 3)")
     # Wan2.2-style (Cosmos 3): 2x2 pixel patches (12 channels) and three 2x downsamples = 16x. Wan2.1-style: RGB
@@ -145,8 +145,8 @@ def write_pipeline(
         patch_size=2 if wan22 else None,
         scale_factor_spatial=vae_spatial,
         scale_factor_temporal=4,
-        latents_mean=(0.1 * torch.randn(z, generator=gen)).tolist(),
-        latents_std=(1.0 + 0.5 * torch.rand(z, generator=gen)).tolist(),
+        latents_mean=(0.1 * torch.randn(z, generator=rng)).tolist(),
+        latents_std=(1.0 + 0.5 * torch.rand(z, generator=rng)).tolist(),
     )
     vae.save_pretrained(folder / "vae")
     scheduler = UniPCMultistepScheduler(
@@ -273,12 +273,12 @@ def random_vision_weights(vision_config: dict, seed: int) -> dict[str, torch.Ten
     torch.manual_seed(seed + 2)
     config = Qwen3VLVisionConfig(**{k: v for k, v in vision_config.items() if k != "model_type"})
     model = Qwen3VLVisionModel(config)
-    gen = torch.Generator().manual_seed(seed + 3)
+    rng = torch.Generator().manual_seed(seed + 3)
     weights = {}
     for name, p in model.state_dict().items():
         scale = 0.1 if p.ndim == 1 else p.shape[-1] ** -0.5 if p.ndim == 2 else 0.05
         base = 1.0 if name.endswith("norm.weight") or ".norm1.weight" in name or ".norm2.weight" in name else 0.0
-        weights[name] = (base + scale * torch.randn(p.shape, generator=gen)).contiguous()
+        weights[name] = (base + scale * torch.randn(p.shape, generator=rng)).contiguous()
     return weights
 
 

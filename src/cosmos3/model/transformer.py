@@ -30,6 +30,12 @@ from cosmos3.parallel.ulysses import SequenceShard
 KeysValues = Callable[[int, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
+# Generation rows (all branches together) past which forward_gen runs one branch at a time, and the MLP's row
+# chunk: 2^15 rows of a Nano-width SwiGLU keep its activations near 2 GiB in bf16 (3 x 32768 x 12288 x 2 bytes), and
+# beyond it the GEMMs are large enough that batching branches adds memory, not speed (benchmarks/README.md).
+ROWS_PER_CHUNK = 32768
+
+
 class KVCache:
     """Keys and values of the understanding pathway per layer, `[B, max_len, kv_heads, head_dim]`, filled in order."""
 
@@ -267,7 +273,7 @@ class Cosmos3Transformer(nn.Module):
         timestep: float | torch.Tensor,
         sound: torch.Tensor | list[torch.Tensor | None] | None = None,
         action: torch.Tensor | list[torch.Tensor | None] | None = None,
-        rows_per_chunk: int = 32768,
+        rows_per_chunk: int = ROWS_PER_CHUNK,
     ) -> list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]]:
         """One denoising pass for several branches of the same shape, batched: the CFG branches of a request
         (sharing its noisy tokens: pass tensors), or those of several requests (pass one latent per branch).
@@ -289,9 +295,9 @@ class Cosmos3Transformer(nn.Module):
             ]
         temb = self.time_embedding(timestep)
         if shared:
-            gen = self.embed_generation_tokens(packs[0], vision, temb, sound, action)
-            tokens = gen.shape[0]
-            x = gen.expand(branches, -1, -1).reshape(branches * tokens, -1)
+            embedded = self.embed_generation_tokens(packs[0], vision, temb, sound, action)
+            tokens = embedded.shape[0]
+            x = embedded.expand(branches, -1, -1).reshape(branches * tokens, -1)
         else:
             x = torch.cat(
                 [
@@ -354,24 +360,25 @@ class Cosmos3Transformer(nn.Module):
 
         return mlp(x) if x.shape[0] <= rows_per_chunk else torch.cat([mlp(c) for c in x.split(rows_per_chunk)])
 
-    def decode_generation_tokens(self, packed: Packed, gen: torch.Tensor):
+    def decode_generation_tokens(self, packed: Packed, rows: torch.Tensor):
+        """One branch's final generation rows -> velocities of its vision, sound and action latents."""
         cfg = self.config
         t, h, w = packed.vision_grid
         nv = t * packed.vision_tokens_per_frame
         noisy = packed.vision_noisy_frames
-        vision_tokens = gen[:nv].unflatten(0, (t, packed.vision_tokens_per_frame))[noisy].flatten(0, 1)
-        v_vision = gen.new_zeros(cfg.latent_channel, t, h, w)
+        vision_tokens = rows[:nv].unflatten(0, (t, packed.vision_tokens_per_frame))[noisy].flatten(0, 1)
+        v_vision = rows.new_zeros(cfg.latent_channel, t, h, w)
         if len(noisy):
             v_vision[:, noisy] = unpatchify(self.proj_out(vision_tokens), len(noisy), h, w, cfg.latent_patch_size)
         v_sound = v_action = None
         offset = nv
         if packed.sound_len:
-            v_sound = self.audio_proj_out(gen[offset : offset + packed.sound_len]).T
+            v_sound = self.audio_proj_out(rows[offset : offset + packed.sound_len]).T
             offset += packed.sound_len
         if packed.action_len:
-            v_action = gen.new_zeros(packed.action_len, cfg.action_dim)
+            v_action = rows.new_zeros(packed.action_len, cfg.action_dim)
             noisy = packed.action_noisy_frames
             if len(noisy):
-                rows = gen[offset : offset + packed.action_len][noisy]
+                rows = rows[offset : offset + packed.action_len][noisy]
                 v_action[noisy] = self.action_proj_out(rows, packed.action_domain)
         return v_vision, v_sound, v_action

@@ -20,10 +20,10 @@ class Limits:
     # Work per generation request.
     max_steps: int = 200
     max_frames: int = 300  # generated frames (chained chunks count in full)
-    max_pixels: int = 1920 * 1088  # per generated frame
+    max_pixels: int = 1920 * 1088  # per generated frame: 1080p, its height rounded up to the VAE's 16
     max_prompt_chars: int = 20_000  # prompt and negative prompt, each
     # The Reasoner.
-    max_tokens: int = 32768  # reply tokens
+    max_tokens: int = 32768  # reply tokens: an operator's default (a request may ask up to 131,072)
     max_chat_chars: int = 200_000  # text over all messages of one conversation
     max_pending_chats: int = 16  # conversations running or waiting for the engine; more are 429
     # Inputs: every upload, URL and data URI, and what it decodes to.
