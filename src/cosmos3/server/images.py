@@ -13,6 +13,7 @@ from fastapi.responses import Response
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
+from cosmos3.generation.dialects import defaults_for
 from cosmos3.server.errors import APIError
 from cosmos3.server.jobs import Job, new_id
 from cosmos3.server.state import ServerState, state
@@ -27,7 +28,6 @@ from cosmos3.server.wire import (
     merge_fields,
     parse_extra,
     parse_size,
-    random_seed,
 )
 
 router = APIRouter()
@@ -98,7 +98,9 @@ def queue_images(server: ServerState, body: ImageRequest) -> list[Job]:
     extra = parse_extra(body.extra_params, body.extra_args)
     check_guardrails_request(engine, extra)
     check_sequence_length(engine, body.prompt, extra.pop("max_sequence_length", None))
-    seed = body.seed if body.seed is not None else random_seed()
+    # The dialect's seed when none is sent (one rule per dialect: the table in generation/dialects.py); image i of
+    # `n` uses seed + i.
+    seed = body.seed if body.seed is not None else defaults_for("vllm_omni", "text2image")["seed"]
     top = {
         "prompt": body.prompt,
         "negative_prompt": body.negative_prompt,
