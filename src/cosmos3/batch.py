@@ -1,0 +1,204 @@
+"""`cosmos3 batch`: many spec entries over many GPUs and machines, on Ray.
+
+Ray starts one engine actor per GPU group (a group of G GPUs runs one parallel layout), the driver streams entries
+to whichever actor is free, and every finished entry is written at once (its outputs, and a manifest row), so a run
+that stops — Ctrl-C, a crash, a lost node — loses nothing that finished, and the same command resumes it.
+Entries are Framework spec objects (`cosmos3 generate --spec`'s), resolved by the Framework dialect.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from cosmos3.errors import RequestError
+
+MANIFEST = "manifest.jsonl"
+
+
+@dataclass
+class Entry:
+    name: str
+    spec: dict[str, Any]
+    attempts: int = 0
+
+    @property
+    def key(self) -> str:
+        """What the entry asks for: its output is reused only for the same spec (and model, see `run`)."""
+        return hashlib.sha256(json.dumps(self.spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+@dataclass
+class Summary:
+    done: int = 0
+    skipped: int = 0
+    failed: int = 0
+    retried: int = 0  # attempts that failed for a transient reason (a lost worker) and went to another actor
+    seconds: float = 0.0
+    errors: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def throughput(self) -> float:
+        """Entries finished per minute."""
+        return 60.0 * self.done / self.seconds if self.seconds else 0.0
+
+
+def batch_group(spec: dict[str, Any]) -> tuple:
+    """Entries of one mode and size are given to the actors one after another, so that an actor sees batchable
+    requests together (its engine batches nothing across calls, but shapes stay warm: caches, compiled kernels)."""
+    keys = ("model_mode", "mode", "resolution", "aspect_ratio", "num_frames", "height", "width", "num_steps")
+    return tuple(str(spec.get(k)) for k in keys)
+
+
+class EngineWorker:
+    """A Ray actor: one engine (on its GPU group) that runs entries and writes their outputs."""
+
+    def __init__(self, model: str, options: dict[str, Any]):
+        import cosmos3
+
+        self.engine = cosmos3.load(model, **options)
+
+    def run(self, name: str, spec: dict[str, Any], output_dir: str) -> dict[str, Any]:
+        from cosmos3.generation.request import GenerateRequest
+
+        start = time.perf_counter()
+        try:
+            req = self.engine.request(GenerateRequest.from_dict(spec, "framework"))
+            result = self.engine.generate(req, progress=False)
+        except RequestError as exc:  # the entry is invalid: no other actor, and no later run, would do better
+            return {"name": name, "status": "invalid", "error": str(exc)}
+        ext = "jpg" if result.video.shape[0] == 1 else "mp4"
+        paths = result.save(Path(output_dir) / name / f"vision.{ext}")
+        return {
+            "name": name,
+            "status": "done",
+            "outputs": [str(p) for p in paths],
+            "seed": req.seed,
+            "seconds": round(time.perf_counter() - start, 3),
+        }
+
+
+def read_manifest(output_dir: Path) -> dict[str, dict[str, Any]]:
+    """The last row of each entry in the manifest (a later run appends; its rows win)."""
+    rows: dict[str, dict[str, Any]] = {}
+    path = output_dir / MANIFEST
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            if line.strip():
+                row = json.loads(line)
+                rows[row["name"]] = row
+    return rows
+
+
+def is_complete(row: dict[str, Any] | None, key: str) -> bool:
+    """Finished for this spec and model: done with its outputs still there, or invalid (it would fail again)."""
+    if row is None or row.get("key") != key:
+        return False
+    if row.get("status") == "invalid":
+        return True
+    return row.get("status") == "done" and all(Path(p).is_file() for p in row.get("outputs", []))
+
+
+def run(
+    entries: list[Entry],
+    output_dir: Path,
+    model: str,
+    workers: int = 1,
+    gpus_per_worker: int = 0,
+    address: str | None = None,
+    retries: int = 2,
+    options: dict[str, Any] | None = None,
+    progress: bool = True,
+) -> Summary:
+    """Run `entries` on `workers` engine actors (Ray at `address`, or a local Ray started here). Entries already
+    complete in `output_dir` (the same spec, model and output files present) are skipped; a failing entry is retried
+    on another actor up to `retries` times, an invalid one (RequestError) is recorded at once."""
+    import ray
+
+    names = [e.name for e in entries]
+    duplicate = next((n for n in names if names.count(n) > 1), None)
+    if duplicate is not None:
+        raise RequestError("name", duplicate, "a distinct name for every entry", "is used twice")
+    if workers < 1:
+        raise RequestError("workers", workers, "1 or more")
+    output_dir.mkdir(parents=True, exist_ok=True)
+    summary = Summary()
+    previous = read_manifest(output_dir)
+    for entry in entries:
+        entry.spec = {**entry.spec, "name": entry.name}
+    todo = deque()
+    for entry in sorted(entries, key=lambda e: batch_group(e.spec)):
+        if is_complete(previous.get(entry.name), _key(entry, model)):
+            summary.skipped += 1
+        else:
+            todo.append(entry)
+    if not todo:
+        return summary
+
+    if not ray.is_initialized():
+        ray.init(address=address, include_dashboard=False, log_to_driver=False)
+    actor_class = ray.remote(num_gpus=gpus_per_worker, num_cpus=0 if gpus_per_worker else 1)(EngineWorker)
+    started = iter(range(1 << 30))
+
+    def new_actor():  # named, so that operators (and tests) can find a run's actors: cosmos3-engine-0, -1, ...
+        return actor_class.options(name=f"cosmos3-engine-{next(started)}").remote(model, options or {})
+
+    actors = [new_actor() for _ in range(workers)]
+    running: dict[Any, tuple[Any, Entry]] = {}  # ObjectRef -> (actor, entry)
+    idle = list(actors)
+    start = time.perf_counter()
+    bar = tqdm(total=len(todo), desc="entries", unit="entry", disable=not progress)
+    with (output_dir / MANIFEST).open("a") as manifest:
+
+        def record(entry: Entry, row: dict[str, Any]) -> None:
+            row = {**row, "key": _key(entry, model)}
+            row.pop("retry", None)
+            manifest.write(json.dumps(row) + "\n")
+            manifest.flush()
+            if row["status"] == "done":
+                summary.done += 1
+            else:  # failed after its retries, or invalid
+                summary.failed += 1
+                summary.errors[entry.name] = row["error"]
+            bar.update()
+
+        try:
+            while todo or running:
+                while todo and idle:
+                    actor, entry = idle.pop(), todo.popleft()
+                    entry.attempts += 1
+                    running[actor.run.remote(entry.name, entry.spec, str(output_dir))] = (actor, entry)
+                ready, _ = ray.wait(list(running), num_returns=1)
+                actor, entry = running.pop(ready[0])
+                try:
+                    row = ray.get(ready[0])
+                    idle.append(actor)
+                except ray.exceptions.RayActorError as exc:  # the actor died: its entry goes to another one
+                    row = {"name": entry.name, "status": "failed", "error": f"worker lost: {exc}", "retry": True}
+                    idle.append(new_actor())
+                    actors.append(idle[-1])
+                except ray.exceptions.RayTaskError as exc:
+                    row = {"name": entry.name, "status": "failed", "error": str(exc.cause), "retry": True}
+                    idle.append(actor)
+                if row["status"] == "failed" and row.get("retry") and entry.attempts <= retries:
+                    summary.retried += 1
+                    todo.append(entry)
+                else:
+                    record(entry, row)
+        finally:  # Ctrl-C included: what finished is in the manifest already
+            bar.close()
+            summary.seconds = time.perf_counter() - start
+            for actor in actors:
+                ray.kill(actor)
+    return summary
+
+
+def _key(entry: Entry, model: str) -> str:
+    return hashlib.sha256(f"{entry.key}:{model}".encode()).hexdigest()[:16]
