@@ -2,15 +2,29 @@
 
 from __future__ import annotations
 
+import base64
+import io
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
-from transformers import Cosmos3OmniConfig, Cosmos3OmniForConditionalGeneration
+from transformers import (
+    AutoProcessor,
+    Cosmos3OmniConfig,
+    Cosmos3OmniForConditionalGeneration,
+    Qwen2VLImageProcessor,
+    Qwen3VLProcessor,
+)
+from transformers.image_utils import load_image
+from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
 from transformers.video_utils import VideoMetadata
 
 import cosmos3
 from cosmos3.config import preset
+from cosmos3.loading.checkpoint import CheckpointError
+from cosmos3.loading.components import PROCESSOR_FILES
 from cosmos3.loading.tiny import build_tokenizer, write_pipeline, write_reasoner_config
 from cosmos3.reasoning import messages
 from cosmos3.reasoning.decoding import Sampling, token_stream
@@ -20,7 +34,8 @@ from cosmos3.reference import randomize
 
 
 @pytest.fixture(scope="module")
-def pair(tmp_path_factory):
+def checkpoint(tmp_path_factory):
+    """transformers' model saved as a Reasoner checkpoint folder (with the tiny pre-processor configs)."""
     folder = tmp_path_factory.mktemp("reasoner")
     cfg = preset("tiny")
     tokenizer = build_tokenizer()
@@ -31,8 +46,13 @@ def pair(tmp_path_factory):
     ref.generation_config.pad_token_id = tokenizer.pad_token_id
     ref.save_pretrained(folder)  # unified flat names: layers.*.self_attn.to_q, norm_q, blocks.*, merger.* ...
     tokenizer.save_pretrained(folder)
-    engine = cosmos3.load(folder, surfaces=["reasoner"])
-    return ref, engine
+    return ref, folder
+
+
+@pytest.fixture(scope="module")
+def pair(checkpoint):
+    ref, folder = checkpoint
+    return ref, cosmos3.load(folder, surfaces=["reasoner"])
 
 
 def image(seed: int, w: int = 150, h: int = 100) -> Image.Image:
@@ -251,3 +271,147 @@ def test_reasoning_format(pair):
     assert "</think>" in engine.reasoner.tokenizer.decode(prompt.input_ids) and "</think>" in REASONING_SUFFIX
     assert split_reasoning("<think>\nIt leans.\n</think>\n\nNo.") == ("It leans.", "No.")
     assert split_reasoning("just an answer") == ("", "just an answer")
+
+
+# ------------------------------------------------------------------ inputs read as transformers reads them (item 7)
+def variant(checkpoint, folder: Path, **video_settings) -> Path:
+    """The checkpoint with its processor saved by transformers' `Qwen3VLProcessor.save_pretrained` (one
+    `processor_config.json`, no per-processor files), with settings unlike any default: other sizes and mean/std."""
+    _, source = checkpoint
+    folder.mkdir()
+    for item in source.iterdir():
+        if item.name not in PROCESSOR_FILES:
+            (folder / item.name).symlink_to(item)
+    settings = dict(patch_size=16, merge_size=2, temporal_patch_size=2, image_mean=[0.4, 0.5, 0.6], image_std=[0.3] * 3)
+    size = {"shortest_edge": 32 * 32 * 2, "longest_edge": 32 * 32 * 12}
+    Qwen3VLProcessor(
+        image_processor=Qwen2VLImageProcessor(**settings, size=size),
+        video_processor=Qwen3VLVideoProcessor(
+            **settings, size={"shortest_edge": 32 * 32, "longest_edge": 32 * 32 * 64}, **video_settings
+        ),
+        tokenizer=build_tokenizer(),
+        chat_template=build_tokenizer().chat_template,
+    ).save_pretrained(folder)
+    assert (folder / "processor_config.json").is_file() and not (folder / "preprocessor_config.json").exists()
+    return folder
+
+
+def reference_of(ref, folder: Path, messages, images=None, videos=None, fps: float = 6.0):
+    """transformers end to end: its AutoProcessor read from the folder, its model; returns (input_ids, logits)."""
+    proc = AutoProcessor.from_pretrained(folder)
+    template = [
+        {
+            "role": m["role"],
+            "content": [
+                {"type": p["type"].removesuffix("_url"), **({"text": p["text"]} if p["type"] == "text" else {})}
+                for p in m["content"]
+            ],
+        }
+        for m in messages
+    ]
+    text = proc.apply_chat_template(template, tokenize=False, add_generation_prompt=True)
+    kwargs = {}
+    if images:
+        kwargs["images"] = images
+    if videos:
+        kwargs["videos"] = videos
+        kwargs["video_metadata"] = [VideoMetadata(total_num_frames=len(v), fps=fps) for v in videos]
+    inputs = proc(text=[text], return_tensors="pt", **kwargs)
+    with torch.no_grad():
+        return inputs["input_ids"][0], ref(**inputs).logits[0]
+
+
+def agree(engine, messages, ids, logits):
+    prompt = engine.reasoner.encode(messages)
+    assert prompt.input_ids.tolist() == ids.tolist()
+    torch.testing.assert_close(engine.reasoner.logits(messages), logits, atol=1e-4, rtol=0)
+
+
+def data_uri(image_: Image.Image, fmt: str, **save) -> str:
+    buf = io.BytesIO()
+    image_.save(buf, format=fmt, **save)
+    return f"data:image/{fmt.lower()};base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def test_processor_config_json_is_read(checkpoint, tmp_path):
+    """transformers 5's save_pretrained writes processor_config.json only: its sizes and mean/std are used."""
+    ref, _ = checkpoint
+    folder = variant(checkpoint, tmp_path / "v")
+    engine = cosmos3.load(folder, surfaces=["reasoner"])
+    assert engine.reasoner.processor.image_processor.image_mean == (0.4, 0.5, 0.6)
+    for case in ("image", "video", "image-and-video"):
+        chat, images, videos = CASES[case]
+        ids, logits = reference_of(ref, folder, chat, [image(i) for i in images], [video(i) for i in videos])
+        agree(engine, materialize(chat, images, videos), ids, logits)
+
+
+def test_cap_pixels_per_frame_is_honoured(checkpoint, tmp_path):
+    ref, _ = checkpoint
+    capped = variant(checkpoint, tmp_path / "capped", cap_pixels_per_frame=True, max_video_tokens=2)
+    chat, _, videos = CASES["video"]
+    ids, logits = reference_of(ref, capped, chat, videos=[video(0)])
+    engine = cosmos3.load(capped, surfaces=["reasoner"])
+    agree(engine, materialize(chat, [], videos), ids, logits)
+    uncapped = cosmos3.load(variant(checkpoint, tmp_path / "uncapped"), surfaces=["reasoner"])
+    assert len(uncapped.reasoner.encode(materialize(chat, [], videos)).input_ids) > len(ids)  # the cap matters here
+
+
+def test_exif_orientation_is_applied(checkpoint, tmp_path):
+    """A phone photo stored sideways with EXIF orientation 6 reaches the model upright, as transformers'
+    load_image (and vLLM) read it."""
+    ref, _ = checkpoint
+    folder = variant(checkpoint, tmp_path / "v")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    (tmp_path / "photo.jpg").write_bytes(b"")
+    image(3, w=200, h=80).save(tmp_path / "photo.jpg", exif=exif.tobytes())
+    chat = [
+        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "IMG"}}, {"type": "text", "text": "?"}]}
+    ]
+    ids, logits = reference_of(ref, folder, chat, images=[load_image(str(tmp_path / "photo.jpg"))])
+    engine = cosmos3.load(folder, surfaces=["reasoner"])
+    uri = "data:image/jpeg;base64," + base64.b64encode((tmp_path / "photo.jpg").read_bytes()).decode()
+    ours = [
+        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": uri}}, {"type": "text", "text": "?"}]}
+    ]
+    agree(engine, ours, ids, logits)
+    grid = engine.reasoner.processor.image_processor(images=[Image.open(tmp_path / "photo.jpg")])["image_grid_thw"]
+    upright = engine.reasoner.processor.image_processor(images=[load_image(str(tmp_path / "photo.jpg"))])
+    assert grid.tolist() != upright["image_grid_thw"].tolist()  # sideways would have given another grid
+
+
+def test_rgba_is_composited_on_white(checkpoint, tmp_path):
+    ref, _ = checkpoint
+    folder = variant(checkpoint, tmp_path / "v")
+    rng = np.random.default_rng(5)
+    rgba = Image.fromarray(rng.integers(0, 255, (90, 120, 4), dtype=np.uint8), "RGBA")
+    chat = [
+        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "IMG"}}, {"type": "text", "text": "?"}]}
+    ]
+    ids, logits = reference_of(ref, folder, chat, images=[rgba])  # the processor's own convert_to_rgb
+    engine = cosmos3.load(folder, surfaces=["reasoner"])
+    for url in (data_uri(rgba, "PNG"), rgba):  # from bytes and in memory
+        ours = [
+            {
+                "role": "user",
+                "content": [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "?"}],
+            }
+        ]
+        agree(engine, ours, ids, logits)
+    dropped = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": rgba.convert("RGB")}}]}]
+    dropped[0]["content"].append({"type": "text", "text": "?"})
+    assert not torch.allclose(engine.reasoner.logits(dropped), logits, atol=1e-4)  # dropping alpha would differ
+
+
+def test_a_vision_checkpoint_without_processor_settings_is_an_error(checkpoint, tmp_path):
+    _, source = checkpoint
+    folder = tmp_path / "v"
+    folder.mkdir()
+    for item in source.iterdir():
+        if item.name not in PROCESSOR_FILES:
+            (folder / item.name).symlink_to(item)
+    with pytest.raises(CheckpointError, match="no processor settings"):
+        cosmos3.load(folder, surfaces=["reasoner"])
+    (folder / "preprocessor_config.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="cannot be read"):
+        cosmos3.load(folder, surfaces=["reasoner"])

@@ -118,24 +118,41 @@ def load_vision_tower(vision_config: dict, weights: dict[str, torch.Tensor], dev
     return vision.to(device=device, dtype=dtype).eval().requires_grad_(False)
 
 
+# Where transformers' `from_pretrained` finds Qwen3-VL processor settings: `processor_config.json` (what
+# `ProcessorMixin.save_pretrained` writes in transformers 5, sub-processors nested inside), or the older
+# per-processor files.
+PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json", "video_preprocessor_config.json")
+
+
 def load_processor(path: Path, tokenizer, vision_config: dict):
-    """The Qwen3-VL processor: the checkpoint's pre-processor configs, else Qwen3-VL's with Cosmos' mean/std 0.5."""
+    """The Qwen3-VL processor with the checkpoint's settings, read by transformers' own `from_pretrained` (every
+    file of PROCESSOR_FILES, in transformers' order of precedence). No defaults stand in: a checkpoint with a
+    vision tower whose processor settings are missing, unreadable or disagree with its vision_config is an error,
+    since other sizes or mean/std would give the model wrong pixels and token counts."""
     from transformers import Qwen2VLImageProcessor, Qwen3VLProcessor
     from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
 
-    patch = {
+    if not any((path / name).is_file() for name in PROCESSOR_FILES):
+        raise CheckpointError(
+            f"{path} has a vision tower but no processor settings: none of {', '.join(PROCESSOR_FILES)} "
+            "(save the checkpoint's Qwen3-VL processor with save_pretrained next to config.json)"
+        )
+    try:
+        image_processor = Qwen2VLImageProcessor.from_pretrained(path)
+        video_processor = Qwen3VLVideoProcessor.from_pretrained(path)
+    except Exception as exc:
+        raise CheckpointError(f"the processor settings in {path} cannot be read by transformers: {exc}") from exc
+    expected = {
         "patch_size": vision_config.get("patch_size", 16),
         "merge_size": vision_config.get("spatial_merge_size", 2),
         "temporal_patch_size": vision_config.get("temporal_patch_size", 2),
     }
-    if (path / "preprocessor_config.json").is_file():
-        image_processor = Qwen2VLImageProcessor.from_pretrained(path)
-    else:
-        image_processor = Qwen2VLImageProcessor(**patch, image_mean=[0.5] * 3, image_std=[0.5] * 3)
-    if (path / "video_preprocessor_config.json").is_file():
-        video_processor = Qwen3VLVideoProcessor.from_pretrained(path)
-    else:
-        video_processor = Qwen3VLVideoProcessor(**patch, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    for name, processor in (("image", image_processor), ("video", video_processor)):
+        got = {key: getattr(processor, key, None) for key in expected}
+        if got != expected:
+            raise CheckpointError(
+                f"the {name} processor settings in {path} ({got}) disagree with vision_config ({expected})"
+            )
     template = None
     if (path / "chat_template.jinja").is_file():
         template = (path / "chat_template.jinja").read_text()

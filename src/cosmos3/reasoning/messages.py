@@ -15,7 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from cosmos3.errors import RequestError
 
@@ -143,7 +143,7 @@ class MediaReader:
         if isinstance(value, Image.Image):
             check_image_size(value, where)
             self.take(value.width * value.height, where, f"{value.width}x{value.height}")
-            return value.convert("RGB")
+            return as_rgb(value)
         return self.decode_image(self.read(value, where), where)
 
     def video(self, part: dict, kind: str, where: str) -> tuple[np.ndarray, float | None]:
@@ -189,7 +189,7 @@ class MediaReader:
             image.load()
         except Exception as exc:
             raise RequestError(where, "<image bytes>", "a JPEG/PNG/WebP image", f"cannot be decoded ({exc})") from exc
-        return image.convert("RGB")
+        return as_rgb(image)
 
     def frames(self, value: Any, fps: Any, where: str) -> tuple[np.ndarray, float | None]:
         """Pre-decoded frames (Python callers): `[T, H, W, 3]` uint8, with an optional `fps` beside the URL."""
@@ -242,6 +242,17 @@ def media_value(part: dict, kind: str, where: str) -> Any:
     if value is None:
         raise RequestError(f"{where}.{kind}", value, "a URL string or {url: ...}", "is missing")
     return value
+
+
+def as_rgb(image: Image.Image) -> Image.Image:
+    """An image as the model sees it, as transformers and vLLM read images: upright by its EXIF orientation (phone
+    photos are stored sideways), and any transparency composited on white (the Qwen3-VL image processor's
+    `convert_to_rgb`), not dropped."""
+    image = ImageOps.exif_transpose(image)
+    if "A" in image.getbands() or image.info.get("transparency") is not None:
+        white = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, image.convert("RGBA")).convert("RGB")
+    return image.convert("RGB")
 
 
 def check_image_size(image: Image.Image, where: str) -> None:

@@ -141,7 +141,11 @@ class Reasoner:
         if videos:
             kwargs["videos"] = [frames for frames, _ in videos]
             kwargs["video_metadata"] = [VideoMetadata(total_num_frames=len(f), fps=fps) for f, fps in videos]
-            kwargs["cap_pixels_per_frame"] = False  # the reference's current behaviour, stated to silence its warning
+            # The checkpoint's setting; unset means transformers' current (uncapped) behaviour, stated to silence
+            # its warning.
+            kwargs["cap_pixels_per_frame"] = bool(
+                getattr(self.processor.video_processor, "cap_pixels_per_frame", False)
+            )
             kwargs.update(sampling)
         try:
             batch = self.processor(text=[text], **kwargs)
