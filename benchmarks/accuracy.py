@@ -2,9 +2,10 @@
 
 Nano widths with fewer layers (so that an fp32 copy fits beside the bf16 one): diffusers fp32 is the reference;
 diffusers bf16, cosmos3's plain forward and its fast path (with cuDNN or flash attention first) are compared
-to it by relative L2 error of the velocity, and timed.
+to it by relative L2 error of the velocity, and timed. The fp32 and bf16 models hold the same random weights.
 
     python benchmarks/accuracy.py --layers 12 --sizes 256p 720p
+    python benchmarks/accuracy.py --preset tiny --layers 2 --sizes tiny-smoke     # CPU smoke test
 """
 
 from __future__ import annotations
@@ -12,62 +13,29 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import sys
 
 import torch
+from common import SIZES, build_models, default_device, inputs, timed
 
-sys.path.insert(0, "benchmarks")
-sys.path.insert(0, "tests")
-from forward import SIZES, timed  # noqa: E402
-
-import cosmos3.model.layers as layers  # noqa: E402
-from cosmos3.config import preset  # noqa: E402
-from cosmos3.model.sequence import pack  # noqa: E402
-from cosmos3.model.transformer import Cosmos3Transformer  # noqa: E402
-
-from reference import reference_forward  # noqa: E402
+import cosmos3.model.layers as layers
+from cosmos3.config import preset
+from cosmos3.reference import reference_forward
 
 BACKENDS = {"cudnn": layers.SDPA_PRIORITY, "flash": [layers.SDPBackend.FLASH_ATTENTION, *layers.SDPA_PRIORITY]}
 
 
 def main() -> None:
-    from diffusers import Cosmos3OmniTransformer
-
     parser = argparse.ArgumentParser()
+    parser.add_argument("--preset", default="nano")
     parser.add_argument("--layers", type=int, default=12)
-    parser.add_argument("--sizes", nargs="+", default=["256p", "720p"])
+    parser.add_argument("--sizes", nargs="+", default=["256p", "720p"], choices=sorted(SIZES))
     args = parser.parse_args()
-    cfg = dataclasses.replace(preset("nano"), num_hidden_layers=args.layers)
-    torch.manual_seed(0)
-    with torch.device("meta"):
-        ref32 = Cosmos3OmniTransformer(**cfg.to_dict())
-    ref32 = ref32.to_empty(device="cuda")
-    with torch.no_grad():
-        for name, p in ref32.named_parameters():
-            if "norm" in name:
-                p.copy_(1.0 + 0.05 * torch.randn_like(p))
-            elif p.ndim == 2:
-                p.copy_(torch.randn_like(p) * p.shape[1] ** -0.5)
-            else:
-                p.copy_(0.02 * torch.randn_like(p))
-        ref32.rotary_emb.inv_freq = 1.0 / (
-            cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float32, device="cuda") / cfg.head_dim)
-        )
-    with torch.device("meta"):
-        ref16 = Cosmos3OmniTransformer(**cfg.to_dict())
-    ref16.load_state_dict({k: v.to(torch.bfloat16) for k, v in ref32.state_dict().items()}, assign=True)
-    ref16.time_embedder.float()
-    ref16.rotary_emb.inv_freq = ref32.rotary_emb.inv_freq
-    with torch.device("meta"):
-        ours = Cosmos3Transformer(cfg)
-    ours.load_state_dict(ref16.state_dict(), assign=True, strict=True)
+    device = default_device()
+    cfg = dataclasses.replace(preset(args.preset), num_hidden_layers=args.layers)
+    _, ref32, _ = build_models(cfg, device, dtype=torch.float32)
+    _, ref16, ours = build_models(cfg, device)  # the same values, rounded to bf16
     for size in args.sizes:
-        frames, h, w = SIZES[size]
-        shape = ((frames - 1) // 4 + 1, h // 16, w // 16)
-        g = torch.Generator().manual_seed(1)
-        ids = torch.randint(0, cfg.vocab_size, (300,), generator=g).tolist()
-        packed = pack(cfg, ids, shape, [], 24.0, 4, device="cuda")
-        vision = torch.randn(cfg.latent_channel, *shape, generator=g).cuda()
+        packed, vision = inputs(cfg, size, device, seed=1)
         with torch.inference_mode():
             base = reference_forward(ref32, packed, vision, 937)[0].float()
             rows = {}

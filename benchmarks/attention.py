@@ -1,36 +1,70 @@
-"""The generation attention at 720p (44,160 queries over 44,460 keys, 32 query heads on 8 KV heads of 128):
-which SDPA backend runs it, and how fast, with grouped or expanded KV heads and each memory layout."""
+"""The generation attention of one text2video: which SDPA backend runs it, and how fast, with grouped or expanded KV
+heads and each memory layout. Nano at 720p: 44,160 queries over 44,460 keys (300 prompt tokens), 32 query heads
+on 8 KV heads of 128.
+
+    python benchmarks/attention.py
+    python benchmarks/attention.py --preset tiny --size tiny-smoke     # CPU smoke test
+"""
 
 from __future__ import annotations
 
+import argparse
+import math
+
 import torch
 import torch.nn.functional as F
+from common import SIZES, default_device, latent_shape, timed
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from triton.testing import do_bench
+
+from cosmos3.config import preset
+
+
+def milliseconds(fn, device: torch.device) -> float:
+    if device.type == "cuda":
+        from triton.testing import do_bench
+
+        return do_bench(fn, warmup=50, rep=300, return_mode="median")
+    return 1000 * timed(fn)[0]
 
 
 def main() -> None:
-    q_len, k_len, heads, kv_heads, d = 44160, 44460, 32, 8, 128
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--preset", default="nano")
+    parser.add_argument("--size", default="720p", choices=sorted(SIZES))
+    parser.add_argument("--prompt-tokens", type=int, default=300)
+    args = parser.parse_args()
+    device = default_device()
+    cfg = preset(args.preset)
+    frames, h, w = latent_shape(args.size)
+    q_len = frames * math.ceil(h / cfg.latent_patch_size) * math.ceil(w / cfg.latent_patch_size)
+    k_len = q_len + args.prompt_tokens
+    heads, kv_heads, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
     flops = 4 * heads * d * q_len * k_len
+    print(f"{q_len} queries over {k_len} keys, {heads} query heads on {kv_heads} KV heads of {d}")
     # [S, H, D] tensors as the model makes them, viewed as [1, H, S, D].
-    q = torch.randn(q_len, heads, d, device="cuda", dtype=torch.bfloat16)
-    k = torch.randn(k_len, kv_heads, d, device="cuda", dtype=torch.bfloat16)
-    v = torch.randn(k_len, kv_heads, d, device="cuda", dtype=torch.bfloat16)
+    q = torch.randn(q_len, heads, d, device=device, dtype=torch.bfloat16)
+    k = torch.randn(k_len, kv_heads, d, device=device, dtype=torch.bfloat16)
+    v = torch.randn(k_len, kv_heads, d, device=device, dtype=torch.bfloat16)
     views = (q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None])
     contiguous = tuple(t.contiguous() for t in views)
-    expanded = (contiguous[0], contiguous[1].repeat_interleave(4, dim=1), contiguous[2].repeat_interleave(4, dim=1))
+    group = heads // kv_heads
+    expanded = (
+        contiguous[0],
+        contiguous[1].repeat_interleave(group, dim=1),
+        contiguous[2].repeat_interleave(group, dim=1),
+    )
     reference = F.scaled_dot_product_attention(*contiguous, enable_gqa=True)
     for backend in (SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION):
-        for name, args, gqa in (
+        for name, tensors, gqa in (
             ("views+gqa", views, True),
             ("contiguous+gqa", contiguous, True),
             ("expanded", expanded, False),
         ):
             try:
                 with sdpa_kernel([backend]):
-                    fn = lambda args=args, gqa=gqa: F.scaled_dot_product_attention(*args, enable_gqa=gqa)  # noqa: E731
+                    fn = lambda t=tensors, gqa=gqa: F.scaled_dot_product_attention(*t, enable_gqa=gqa)
                     out = fn()
-                    ms = do_bench(fn, warmup=50, rep=300, return_mode="median")
+                    ms = milliseconds(fn, device)
                 err = ((out.float() - reference.float()).norm() / reference.float().norm()).item()
                 print(f"{backend.name:22s} {name:15s} {ms:8.2f} ms {flops / ms / 1e9:6.0f} TFLOP/s  rel.err {err:.1e}")
             except RuntimeError as exc:

@@ -4,46 +4,37 @@ One guided denoising step for N text2image 720p (or 256p text2video) requests: N
 2 branches each, against one call with 2N branches. Prints seconds per request-step and the speed-up.
 
     python benchmarks/batching.py --requests 4
+    python benchmarks/batching.py --preset tiny --sizes tiny-smoke     # CPU smoke test
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 
 import torch
-
-sys.path.insert(0, "benchmarks")
-from forward import SIZES, build_models  # noqa: E402
-
-from cosmos3.model.sequence import pack  # noqa: E402
+from common import SIZES, default_device, gpu_name, inputs, print_table, random_model
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
+    parser.add_argument("--preset", default="nano")
     parser.add_argument("--requests", type=int, default=4)
-    parser.add_argument("--sizes", nargs="+", default=["t2i-720p", "256p"])
+    parser.add_argument("--sizes", nargs="+", default=["t2i-720p", "256p"], choices=sorted(SIZES))
     args = parser.parse_args()
-    cfg, _, ours = build_models("nano", "cuda")
-    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, {args.requests} requests, one guided step")
-    print("| size | one at a time (s per request-step) | batched (s per request-step) | speed-up |")
-    print("| --- | ---: | ---: | ---: |")
+    device = default_device()
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    cfg, ours = random_model(args.preset, device)
+    print(f"{gpu_name(device)}, torch {torch.__version__}, {args.requests} requests, one guided step")
+    rows = []
     for size in args.sizes:
-        frames, h, w = SIZES[size]
-        shape = ((frames - 1) // 4 + 1, h // 16, w // 16)
-        g = torch.Generator().manual_seed(0)
         requests = []
-        for _ in range(args.requests):
-            packs = [
-                pack(
-                    cfg, torch.randint(0, cfg.vocab_size, (n,), generator=g).tolist(), shape, [], 24.0, 4, device="cuda"
-                )
-                for n in (300, 120)
-            ]
-            latent = torch.randn(cfg.latent_channel, *shape, generator=g).to("cuda", torch.bfloat16)
+        for i in range(args.requests):
+            cond, latent = inputs(cfg, size, device, seed=2 * i, dtype=torch.bfloat16)
+            uncond, _ = inputs(cfg, size, device, prompt_tokens=120, seed=2 * i + 1)
+            packs = [cond, uncond]
             requests.append((packs, [ours.und_cache(p) for p in packs], latent))
-        t = torch.tensor(937, device="cuda")
+        t = torch.tensor(937, device=device)
         with torch.inference_mode():
 
             def one_by_one():
@@ -60,15 +51,15 @@ def main() -> None:
 
             times = {}
             for name, fn in (("single", one_by_one), ("batched", batched)) * 2:  # second round counts
-                torch.cuda.synchronize()
+                sync()
                 start = time.perf_counter()
                 for _ in range(3):
                     fn()
-                torch.cuda.synchronize()
+                sync()
                 times[name] = (time.perf_counter() - start) / 3 / args.requests
-        print(
-            f"| {size} | {times['single']:.4f} | {times['batched']:.4f} | {times['single'] / times['batched']:.2f}x |"
-        )
+        single, shared = times["single"], times["batched"]
+        rows.append([size, f"{single:.4f}", f"{shared:.4f}", f"{single / shared:.2f}x"])
+    print_table(["size", "one at a time (s per request-step)", "batched (s per request-step)", "speed-up"], rows)
 
 
 if __name__ == "__main__":

@@ -6,24 +6,19 @@ bf16 weights (shared tensors), same inputs. Prints seconds per step, the ratio, 
 FLOPs over the time), peak memory and the relative error of the guided velocity.
 
     python benchmarks/denoiser.py --sizes t2i-720p 256p 480p 720p --variants exact compile fp8
+    python benchmarks/denoiser.py --preset tiny --sizes tiny-smoke     # CPU smoke test
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 
 import torch
+from common import SIZES, build_models, default_device, gpu_name, inputs, print_table, save_rows
 
-sys.path.insert(0, "benchmarks")
-sys.path.insert(0, "tests")
-from forward import SIZES, build_models  # noqa: E402
-
-from cosmos3.model.sequence import pack  # noqa: E402
-
-from reference import reference_forward  # noqa: E402
+from cosmos3.reference import reference_forward
 
 GUIDANCE = 6.0
 
@@ -45,7 +40,8 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--json")
     args = parser.parse_args()
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = default_device()
+    cuda = device.type == "cuda"
     cfg, ref, ours = build_models(args.preset, device)
     rows = []
     for variant in args.variants:
@@ -56,13 +52,10 @@ def main() -> None:
 
             use_fp8_generation_linears(ours)
         for size in args.sizes:
-            frames, h, w = SIZES[size]
-            shape = ((frames - 1) // 4 + 1, h // 16, w // 16)
-            g = torch.Generator().manual_seed(1)
-            cond_ids = torch.randint(0, cfg.vocab_size, (300,), generator=g).tolist()
-            uncond_ids = torch.randint(0, cfg.vocab_size, (120,), generator=g).tolist()
-            packs = [pack(cfg, ids, shape, [], 24.0, 4, device=device) for ids in (cond_ids, uncond_ids)]
-            vision = torch.randn(cfg.latent_channel, *shape, generator=g).to(device, torch.bfloat16)
+            cond, vision = inputs(cfg, size, device, seed=1, dtype=torch.bfloat16)
+            uncond, _ = inputs(cfg, size, device, prompt_tokens=120, seed=2)
+            packs = [cond, uncond]
+            gen_tokens = vision.shape[1] * cond.vision_tokens_per_frame
             t = 937
             with torch.inference_mode():
 
@@ -71,10 +64,10 @@ def main() -> None:
                     u = reference_forward(ref, packs[1], vision, t)[0].float()
                     return u + GUIDANCE * (c - u)
 
+                sync = torch.cuda.synchronize if cuda else (lambda: None)
                 start = time.perf_counter()
                 caches = [ours.und_cache(p) for p in packs]
-                if device == "cuda":
-                    torch.cuda.synchronize()
+                sync()
                 cache_s = time.perf_counter() - start
 
                 def ours_step(vision=vision, packs=packs, caches=caches):
@@ -82,37 +75,29 @@ def main() -> None:
                     return u + GUIDANCE * (c - u)
 
                 # Interleaved, so that both see the same clocks (a hot GPU runs slower).
-                out_ours, out_ref = ours_step(), reference_step()  # warm-up (and compilation)
-                sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-                times_ours, times_ref = [], []
-                if device == "cuda":
-                    torch.cuda.reset_peak_memory_stats()
+                ours_step(), reference_step()  # warm-up (and compilation)
+                steps = {"cosmos3": ours_step, "diffusers": reference_step}
+                times, outs, peaks = {name: [] for name in steps}, {}, {}
                 for _ in range(args.repeat):
-                    for fn, times in ((ours_step, times_ours), (reference_step, times_ref)):
-                        if device == "cuda":
+                    for name, fn in steps.items():
+                        if cuda:
                             torch.cuda.empty_cache()  # neither side pays for the other's cached blocks
+                            torch.cuda.reset_peak_memory_stats()
                         sync()
                         start = time.perf_counter()
-                        out = fn()
+                        outs[name] = fn()
                         sync()
-                        times.append(time.perf_counter() - start)
-                        if fn is ours_step:
-                            out_ours = out
-                            mem_ours = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else 0.0
-                            if device == "cuda":
-                                torch.cuda.reset_peak_memory_stats()
-                        else:
-                            out_ref = out
-                            mem_ref = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else 0.0
-                            if device == "cuda":
-                                torch.cuda.reset_peak_memory_stats()
-                t_ours, t_ref = sorted(times_ours)[len(times_ours) // 2], sorted(times_ref)[len(times_ref) // 2]
+                        times[name].append(time.perf_counter() - start)
+                        peaks[name] = torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0
+                t_ours, t_ref = (sorted(times[n])[len(times[n]) // 2] for n in ("cosmos3", "diffusers"))
+                out_ours, out_ref = outs["cosmos3"], outs["diffusers"]
+                mem_ours, mem_ref = peaks["cosmos3"], peaks["diffusers"]
             rel = ((out_ours - out_ref).norm() / out_ref.norm()).item()
-            flops = 2 * forward_flops(cfg, 210, shape[0] * packs[0].vision_tokens_per_frame)
+            flops = 2 * forward_flops(cfg, 210, gen_tokens)
             row = dict(
                 size=size,
                 variant=variant,
-                gen_tokens=shape[0] * packs[0].vision_tokens_per_frame,
+                gen_tokens=gen_tokens,
                 diffusers_s=round(t_ref, 4),
                 cosmos3_s=round(t_ours, 4),
                 ratio=round(t_ours / t_ref, 3),
@@ -126,24 +111,33 @@ def main() -> None:
             rows.append(row)
             print(json.dumps(row), flush=True)
             del caches
-            if device == "cuda":
+            if cuda:
                 torch.cuda.empty_cache()
-    gpu = torch.cuda.get_device_name() if device == "cuda" else "cpu"
-    print(f"\n{gpu}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}")
-    print(
-        "| size | variant | gen tokens | diffusers s/step | cosmos3 s/step | ratio | eff. TFLOP/s (d / c) "
-        "| peak GiB (d / c) | rel. err |"
+    print(f"\n{gpu_name(device)}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}")
+    print_table(
+        [
+            "size",
+            "variant",
+            "gen tokens",
+            "diffusers s/step",
+            "cosmos3 s/step",
+            "ratio",
+            "eff. TFLOP/s (d / c)",
+            "peak GiB (d / c)",
+            "rel. err",
+        ],
+        [
+            [r["size"], r["variant"], f"{r['gen_tokens']:,}", r["diffusers_s"], r["cosmos3_s"], r["ratio"]]
+            + [
+                f"{r['diffusers_tflops']} / {r['cosmos3_tflops']}",
+                f"{r['diffusers_peak_gib']} / {r['cosmos3_peak_gib']}",
+            ]
+            + [r["rel_err"]]
+            for r in rows
+        ],
+        left=2,
     )
-    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
-    for r in rows:
-        print(
-            f"| {r['size']} | {r['variant']} | {r['gen_tokens']:,} | {r['diffusers_s']} | {r['cosmos3_s']} | "
-            f"{r['ratio']} | {r['diffusers_tflops']} / {r['cosmos3_tflops']} | {r['diffusers_peak_gib']} / "
-            f"{r['cosmos3_peak_gib']} | {r['rel_err']} |"
-        )
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=2)
+    save_rows(rows, args.json)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ memory and whether the velocities are equal.
 
     python benchmarks/offload.py --preset nano --size 480p
     python benchmarks/offload.py --preset super --size 480p --resident 40    # an H200: part of Super offloaded
+    python benchmarks/offload.py --preset tiny --size tiny-smoke     # CPU smoke test
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import argparse
 import json
 
 import torch
-from common import SIZES, inputs, random_model, timed
+from common import SIZES, default_device, inputs, random_model, timed
 
 from cosmos3.parallel.offload import offload_layers
 
@@ -25,7 +26,7 @@ def main() -> None:
     parser.add_argument("--skip-resident", action="store_true", help="only the offloaded run (model too large)")
     parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args()
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = default_device()
     cfg, model = random_model(args.preset, device)
     cond, vision = inputs(cfg, args.size, device, seed=1)
     uncond, _ = inputs(cfg, args.size, device, prompt_tokens=120, seed=2)
@@ -42,8 +43,8 @@ def main() -> None:
     if not args.skip_resident:
         seconds, peak, resident_out = timed(guided_step, args.repeat)
         rows["resident"] = {"s_per_step": round(seconds, 4), "peak_gib": round(peak, 2)}
-    offload_layers(model, torch.device(device), resident=args.resident)
-    if device == "cuda":
+    offload_layers(model, device, resident=args.resident)
+    if device.type == "cuda":
         torch.cuda.empty_cache()
     seconds, peak, out = timed(guided_step, args.repeat)
     rows["offload"] = {

@@ -4,6 +4,7 @@ velocity's difference from the one-GPU run (random bf16 weights, the same on eve
     python benchmarks/parallel.py --preset nano --size 720p --save-baseline /tmp/nano720.pt     # one GPU
     torchrun --nproc-per-node 8 benchmarks/parallel.py --preset nano --size 720p --cfg 2 --ulysses 4 \\
         --baseline /tmp/nano720.pt
+    python benchmarks/parallel.py --preset tiny --size tiny-smoke     # CPU smoke test
 """
 
 from __future__ import annotations
@@ -14,30 +15,12 @@ import os
 
 import torch
 import torch.distributed as dist
-from common import SIZES, inputs, random_model, timed
+from common import SCHEDULE, SIZES, default_device, inputs, random_model, timed
 
+from cosmos3.generation.request import GenerateRequest
 from cosmos3.generation.sampler import Denoising, Schedule, Stream, denoise
 from cosmos3.parallel.launch import COLLECTIVE_TIMEOUT, rank_device
 from cosmos3.parallel.layout import SINGLE, Layout, backend_for, make_groups
-
-# A flow-matching UniPC schedule like the released checkpoints' (two steps are enough to time one).
-SCHEDULE = {
-    "_class_name": "UniPCMultistepScheduler",
-    "num_train_timesteps": 1000,
-    "prediction_type": "flow_prediction",
-    "use_flow_sigmas": True,
-    "flow_shift": 10.0,
-    "predict_x0": True,
-    "solver_type": "bh2",
-    "solver_order": 2,
-    "lower_order_final": True,
-    "final_sigmas_type": "zero",
-}
-
-
-class Request:  # the fields `denoise` reads
-    def __init__(self, steps: int):
-        self.num_steps, self.shift, self.guidance, self.step_cache = steps, None, 6.0, None
 
 
 def main() -> None:
@@ -53,7 +36,7 @@ def main() -> None:
     parser.add_argument("--baseline", help="compare with a saved one-GPU run")
     args = parser.parse_args()
     layout = Layout(args.tp, args.cfg, args.ulysses)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = default_device()
     groups = SINGLE
     if layout.world_size > 1:
         device = rank_device(device, int(os.environ["RANK"]))
@@ -63,9 +46,11 @@ def main() -> None:
     cond, vision = inputs(cfg, args.size, device, seed=1)
     uncond, _ = inputs(cfg, args.size, device, prompt_tokens=120, seed=2)
 
+    request = GenerateRequest(num_steps=args.steps, guidance=6.0)  # the fields `denoise` reads
+
     @torch.inference_mode()
     def run():
-        job = Denoising([cond, uncond], [Stream("vision", vision[None].clone())], Request(args.steps))
+        job = Denoising([cond, uncond], [Stream("vision", vision[None].clone())], request)
         denoise(model, Schedule(SCHEDULE), [job], progress=False, groups=groups)
         return job.streams[0].latents
 

@@ -4,6 +4,7 @@ Time to first token for ~50 text tokens plus an 8-frame 448x448 video (784 video
 tokens/s at batch 1 and batch 16. Both include pre-processing (the same Qwen3-VL processor) and the vision tower.
 
     python benchmarks/reasoner.py --new-tokens 64
+    python benchmarks/reasoner.py --preset tiny --new-tokens 4     # CPU smoke test
 """
 
 from __future__ import annotations
@@ -14,15 +15,17 @@ import time
 
 import numpy as np
 import torch
+from common import default_device, gpu_name, print_table
 
 from cosmos3.config import preset
 from cosmos3.loading.checkpoint import GENERATOR_ONLY
 from cosmos3.loading.tiny import build_tokenizer, tiny_vision_config, vision_token_ids
 from cosmos3.model.transformer import Cosmos3Transformer
 from cosmos3.reasoning.reasoner import Reasoner, Sampling
+from cosmos3.reference import randomize
 
 
-def build(device: str, name: str = "nano"):
+def build(device: torch.device, name: str = "nano"):
     from transformers import (
         Cosmos3OmniConfig,
         Cosmos3OmniForConditionalGeneration,
@@ -60,11 +63,7 @@ def build(device: str, name: str = "nano"):
     with torch.device("meta"):
         ref = Cosmos3OmniForConditionalGeneration(config)
     ref = ref.to(torch.bfloat16).to_empty(device=device)  # bf16 before allocating: fp32 Nano would not fit
-    gen = torch.Generator(device=device).manual_seed(0)
-    with torch.no_grad():
-        for name, p in ref.named_parameters():
-            scale = p.shape[-1] ** -0.5 if p.ndim >= 2 else 0.02
-            p.copy_(torch.randn(p.shape, generator=gen, device=device) * scale + (1.0 if "norm" in name else 0.0))
+    randomize(ref, seed=0)
     # Buffers computed at init (rotary tables) were left uninitialised by to_empty: rebuild them.
     from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLTextRotaryEmbedding, Qwen3VLVisionRotaryEmbedding
 
@@ -116,8 +115,8 @@ def main() -> None:
     args = parser.parse_args()
     from transformers.video_utils import VideoMetadata
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    device = default_device()
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     ref, reasoner, processor = build(device, args.preset)
     frames = np.random.default_rng(0).integers(0, 255, (8, 448, 448, 3), dtype=np.uint8)
     question = "What will the robot do next?"
@@ -181,15 +180,14 @@ def main() -> None:
         ours_text = run_ours(1, 8)[0].text
         ref_ids = run_ref(1, 8)[0, prompt_tokens:]
         same = ours_text == reasoner.tokenizer.decode(ref_ids, skip_special_tokens=True)
-    gpu = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     print(
-        f"\n{gpu}, torch {torch.__version__}, prompt {prompt_tokens} tokens "
+        f"\n{gpu_name(device)}, torch {torch.__version__}, prompt {prompt_tokens} tokens "
         f"(video 784), {args.new_tokens} new tokens, first 8 greedy tokens identical: {same}"
     )
-    print("| | time to first token (ms) | decode tok/s, batch 1 | decode tok/s, batch 16 |")
-    print("| --- | ---: | ---: | ---: |")
-    for name, r in results.items():
-        print(f"| {name} | {r['ttft_ms']} | {r['decode_tok_s_batch1']} | {r['decode_tok_s_batch16']} |")
+    print_table(
+        ["", "time to first token (ms)", "decode tok/s, batch 1", "decode tok/s, batch 16"],
+        [[name, r["ttft_ms"], r["decode_tok_s_batch1"], r["decode_tok_s_batch16"]] for name, r in results.items()],
+    )
 
 
 if __name__ == "__main__":

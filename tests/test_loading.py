@@ -12,8 +12,7 @@ from safetensors.torch import load_file, save_file
 import cosmos3
 from cosmos3.loading.checkpoint import CheckpointError
 from cosmos3.loading.tiny import build_tokenizer, write_pipeline
-
-from reference import randomize
+from cosmos3.reference import randomize
 
 
 @pytest.fixture(scope="module")

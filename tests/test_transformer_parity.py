@@ -7,8 +7,7 @@ import torch
 from diffusers import Cosmos3OmniTransformer
 
 from cosmos3.model.sequence import pack
-
-from reference import load_ours, randomize, reference_forward
+from cosmos3.reference import load_ours, randomize, reference_forward
 
 BASE = dict(
     hidden_size=64,
