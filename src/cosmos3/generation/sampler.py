@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from cosmos3.errors import Cancelled
+from cosmos3.errors import Cancelled, RequestError
 from cosmos3.generation.request import GenerateRequest
 from cosmos3.model.sequence import Packed
 from cosmos3.parallel.collectives import all_gather_tensors, leader_flags
@@ -76,6 +76,21 @@ def make_scheduler(config: dict, num_steps: int, shift: float | None, native_sch
         scheduler.set_timesteps(num_steps, device=device, sigmas=sigmas)
     else:
         scheduler.set_timesteps(num_steps, device=device)
+    # UniPC finds its first step by looking the first timestep up, and where that integer timestep occurs twice it
+    # starts at the second occurrence (meant for img2img), then runs out of steps on the last one (a bare
+    # `assert this_order > 0`). Timesteps are int(1000 * sigma), so the first two coincide once the shifted sigmas
+    # are closer than 1/1000 near sigma=1: above about num_train_timesteps / flow_shift steps (100 at shift 10).
+    # Every step of this loop runs from the first timestep, so the start is fixed at index 0; where no timestep
+    # repeats that is the index the lookup finds, so results are unchanged.
+    scheduler.set_begin_index(0)
+    sigmas = scheduler.sigmas
+    if bool((sigmas[:-1] == sigmas[1:]).any()):  # UniPC divides by their log-SNR difference
+        raise RequestError(
+            "num_steps",
+            num_steps,
+            f"fewer steps or a smaller shift (with shift={scheduler.config.flow_shift:g} consecutive noise levels "
+            "coincide in float32 and the solver would divide by zero)",
+        )
     return scheduler
 
 
