@@ -337,8 +337,14 @@ def load(
     cfg_parallel_size: int = 1,
     ulysses_degree: int = 1,
     layerwise_offload: bool = False,
+    revision: str | None = None,
 ) -> Engine:
-    """Load `"tiny"`, a local checkpoint folder, or a cached hub id (e.g. `"nvidia/Cosmos3-Nano"`).
+    """Load `"tiny"`, a local checkpoint folder, or a hub id (e.g. `"nvidia/Cosmos3-Nano"`).
+
+    A hub id is downloaded with `huggingface_hub.snapshot_download` into the hub cache (HF_HOME / HF_HUB_CACHE),
+    only the files the requested `surfaces` need, at `revision` (a branch, tag or commit hash; default main);
+    HF_TOKEN is sent for gated or private repos, and with HF_HUB_OFFLINE=1 only the cache is read. Errors (gated,
+    offline and not cached, unknown revision) say what to do.
 
     `device`/`dtype`: CUDA and bfloat16 when a GPU is present, else the CPU and float32.
     `surfaces=["reasoner"]` skips the generation pathway, VAE and audio codec (about half the memory).
@@ -359,7 +365,7 @@ def load(
     if isinstance(dtype, str) and dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r} is not supported; allowed: {', '.join(DTYPES)}")
     layout = Layout(tensor_parallel_size, cfg_parallel_size, ulysses_degree)
-    path = resolve_path(model)
+    path = resolve_path(model, revision=revision, surfaces=surfaces)
     if surfaces is None:  # everything the folder holds
         surfaces = SURFACES if (path / "transformer" / "config.json").is_file() else ("reasoner",)
     options = dict(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -14,35 +15,184 @@ from cosmos3.parallel.layout import SINGLE, Groups
 from cosmos3.parallel.tensor import head_split, local_config, slices, use_row_parallel
 from cosmos3.parallel.ulysses import check_degree
 
+# What `cosmos3.load` reads from a checkpoint, per surface, as `snapshot_download` allow-patterns (fnmatch: `*`
+# also matches `/`, so root files are named exactly). Root: the pipeline index and, in the Reasoner (transformers)
+# layout, its config, weights, tokenizer, processor configs and chat template.
+HUB_FILES: dict[str, tuple[str, ...]] = {
+    "common": (
+        "model_index.json",
+        "config.json",
+        "generation_config.json",
+        "preprocessor_config.json",
+        "video_preprocessor_config.json",
+        "chat_template.jinja",
+        "chat_template.json",
+        "tokenizer*",
+        "vocab.json",
+        "merges.txt",
+        "special_tokens_map.json",
+        "added_tokens.json",
+        "model*.safetensors",
+        "model.safetensors.index.json",
+        "transformer/*",  # the MoT: its shards hold both pathways, so a reasoner-only load reads them too
+        "text_tokenizer/*",
+        "vision_encoder/*",
+    ),
+    "generator": ("vae/*", "scheduler/*", "sound_tokenizer/*"),
+    "reasoner": (),
+}
+SURFACE_NAMES = ("generator", "reasoner")
+# The text tokenizer alone (the prompt upsampler counts tokens with it): either layout's tokenizer files.
+TOKENIZER_FILES = (
+    "config.json",
+    "tokenizer*",
+    "vocab.json",
+    "merges.txt",
+    "special_tokens_map.json",
+    "text_tokenizer/*",
+)
 
-def resolve_path(model: str | Path) -> Path:
-    """`"tiny"`, a local checkpoint folder, or a hub id already in the local Hugging Face cache."""
+
+def hub_patterns(surfaces: tuple[str, ...] | list[str] | None) -> list[str]:
+    """The allow-patterns for the files `surfaces` need (None: every surface, as `load` then loads all it finds)."""
+    wanted = SURFACE_NAMES if surfaces is None else tuple(surfaces)
+    for surface in wanted:
+        if surface not in SURFACE_NAMES:
+            raise ValueError(f"surfaces entry {surface!r} is unknown; allowed: {', '.join(SURFACE_NAMES)}")
+    return [*HUB_FILES["common"], *(p for s in SURFACE_NAMES if s in wanted for p in HUB_FILES[s])]
+
+
+def hub_cache_dir() -> str:
+    """The hub cache as huggingface_hub computes it, but from the environment now rather than at its import:
+    HF_HUB_CACHE, else HF_HOME/hub, else huggingface_hub's default."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return os.path.expanduser(os.environ["HF_HUB_CACHE"])
+    if os.environ.get("HF_HOME"):
+        return os.path.join(os.path.expanduser(os.environ["HF_HOME"]), "hub")
+    from huggingface_hub import constants
+
+    return constants.HF_HUB_CACHE
+
+
+def hub_offline() -> bool:
+    """HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE, which huggingface_hub also honours) read now, not at import."""
+    return any(
+        os.environ.get(k, "").upper() in ("1", "ON", "YES", "TRUE") for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    )
+
+
+def is_hub_id(model: str | Path) -> bool:
+    """`org/name`, where no local folder of that name exists (a folder wins, as before)."""
+    text = str(model)
+    return text.count("/") == 1 and not text.startswith((".", "/", "~")) and not Path(text).expanduser().exists()
+
+
+def resolve_path(
+    model: str | Path,
+    revision: str | None = None,
+    surfaces: tuple[str, ...] | list[str] | None = None,
+    patterns: tuple[str, ...] | list[str] | None = None,
+) -> Path:
+    """`"tiny"`, a local checkpoint folder, or a hub id such as `"nvidia/Cosmos3-Nano"`.
+
+    A hub id is fetched with `huggingface_hub.snapshot_download` into the hub cache (HF_HUB_CACHE / HF_HOME),
+    only the files `surfaces` need (None: all of them), at `revision` (a branch, tag or commit; default main),
+    with HF_TOKEN for gated or private repos; with HF_HUB_OFFLINE=1 only the cache is read. Files already
+    cached are not fetched again. `patterns` replaces the surfaces' file list (e.g. `TOKENIZER_FILES`): the
+    snapshot then holds only those files and is not checked as a loadable checkpoint."""
+    if is_hub_id(model):
+        path = _download(str(model), revision, list(patterns) if patterns is not None else hub_patterns(surfaces))
+        if patterns is not None:
+            return path
+        _check_folder(path, f"the snapshot of {model} (revision {revision or 'main'})")
+        missing = [d for d in ("vae", "scheduler") if not (path / d).is_dir()]
+        wants_generator = surfaces is None or "generator" in surfaces
+        if wants_generator and (path / "transformer" / "config.json").is_file() and missing:
+            # huggingface_hub returns a cached snapshot as it is when it cannot check it against the hub
+            raise CheckpointError(
+                f"the cached snapshot of {model} at {path} lacks {', '.join(missing)}/ (a reasoner-only download?)"
+                f"{' and HF_HUB_OFFLINE is set' if hub_offline() else ''}: load it once with network access to "
+                "fetch the Generator's files, or pass surfaces=['reasoner'] (--surfaces reasoner)"
+            )
+        return path
+    path = Path(model).expanduser()
+    if str(model) != "tiny" and not path.exists():
+        raise CheckpointError(
+            f"model {str(model)!r} is neither 'tiny', an existing folder, nor a hub id like 'nvidia/Cosmos3-Nano'"
+        )
+    if revision is not None:  # a revision names a hub commit: refusing beats silently loading something else
+        raise CheckpointError(f"revision={revision!r} applies to hub ids only; {str(model)!r} is not one")
     if str(model) == "tiny":
         from cosmos3.loading.tiny import tiny_path
 
         return tiny_path()
-    path = Path(model).expanduser()
-    if path.exists():
-        if not (path / "transformer" / "config.json").is_file() and not (path / "config.json").is_file():
-            raise CheckpointError(
-                f"{path} is not a Cosmos 3 checkpoint folder: "
-                "it has neither transformer/config.json (pipeline layout) nor config.json (Reasoner layout)"
-            )
-        return path
-    if str(model).count("/") == 1 and not str(model).startswith((".", "/", "~")):
-        from huggingface_hub import snapshot_download
+    _check_folder(path)
+    return path
 
-        try:
-            return Path(snapshot_download(str(model), local_files_only=True))
-        except Exception as exc:
-            raise CheckpointError(
-                f"{model} is not in the local Hugging Face cache and cannot be downloaded here. On a connected "
-                f"machine run `hf download {model} --local-dir DIR`, copy DIR here and pass its path "
-                f"(cosmos3.load('DIR') or --model DIR), or point HF_HOME at a cache that holds it."
-            ) from exc
-    raise CheckpointError(
-        f"model {str(model)!r} is neither 'tiny', an existing folder, nor a hub id like 'nvidia/Cosmos3-Nano'"
+
+def _check_folder(path: Path, what: str | None = None) -> None:
+    if not (path / "transformer" / "config.json").is_file() and not (path / "config.json").is_file():
+        raise CheckpointError(
+            f"{what or path} is not a Cosmos 3 checkpoint folder: "
+            "it has neither transformer/config.json (pipeline layout) nor config.json (Reasoner layout)"
+        )
+
+
+def _download(repo_id: str, revision: str | None, allow_patterns: list[str]) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
     )
+
+    cache = hub_cache_dir()
+    offline = hub_offline()
+    token = os.environ.get("HF_TOKEN") or None  # None: huggingface_hub's stored login (`hf auth login`), if any
+    at = f"{repo_id} (revision {revision or 'main'})"
+    elsewhere = (
+        f"On a connected machine run `hf download {repo_id}{f' --revision {revision}' if revision else ''}` with "
+        f"HF_HOME pointing at a folder you then copy here as HF_HOME, or `--local-dir DIR` and pass DIR as the model."
+    )
+    try:
+        return Path(
+            snapshot_download(
+                repo_id,
+                revision=revision,
+                cache_dir=cache,
+                allow_patterns=allow_patterns,
+                local_files_only=offline,
+                token=token,
+            )
+        )
+    except GatedRepoError as exc:  # before RepositoryNotFoundError: it is a subclass
+        who = "the account of the token in HF_TOKEN" if token else "your account, then set HF_TOKEN to its token"
+        raise CheckpointError(
+            f"{repo_id} is gated: accept its license at https://huggingface.co/{repo_id} with {who} "
+            "(a read token from https://huggingface.co/settings/tokens, or `hf auth login`)"
+        ) from exc
+    except RepositoryNotFoundError as exc:
+        raise CheckpointError(
+            f"{repo_id} was not found on the hub, or it is private and "
+            + ("the token in HF_TOKEN cannot read it" if token else "no token was given (set HF_TOKEN)")
+        ) from exc
+    except RevisionNotFoundError as exc:
+        raise CheckpointError(f"{repo_id} has no revision {revision!r} (a branch, tag or commit hash)") from exc
+    except LocalEntryNotFoundError as exc:
+        if offline:
+            raise CheckpointError(
+                f"HF_HUB_OFFLINE is set and the hub cache {cache} does not hold {at} "
+                f"(or only part of it). Unset HF_HUB_OFFLINE to download it, or point HF_HOME at a cache that holds "
+                f"it. {elsewhere}"
+            ) from exc
+        raise CheckpointError(
+            f"{at} cannot be downloaded (the hub is unreachable: {exc.__class__.__name__}) and the hub cache {cache} "
+            f"does not hold it. {elsewhere}"
+        ) from exc
+    except HfHubHTTPError as exc:
+        raise CheckpointError(f"downloading {at} failed: {exc}") from exc
 
 
 def reasoner_text_config(raw: dict) -> TransformerConfig:
