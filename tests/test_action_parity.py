@@ -111,7 +111,7 @@ def test_chained_rollout(pair, tmp_path):
     np.testing.assert_array_equal(chained.video[:5], single.video)
     np.testing.assert_array_equal(chained.action[:4], single.action)
     paths = chained.save(tmp_path / "rollout.mp4")
-    assert [p.suffix for p in paths] == [".mp4", ".json"]
+    assert [p.name for p in paths] == ["rollout.mp4", "rollout.json", "rollout.actions.png", "rollout.mp4.json"]
 
 
 def test_action_stats_round_trip(pair, tmp_path):

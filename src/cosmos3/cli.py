@@ -6,11 +6,14 @@ import argparse
 import json
 import os
 import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from cosmos3.errors import RequestError
-from cosmos3.generation.dialects import MODES
+from cosmos3.generation.dialects import MODES, dialect
 from cosmos3.generation.request import GenerateRequest
 
 
@@ -22,7 +25,8 @@ def _int_list(text: str) -> list[int]:
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="tiny", help="'tiny', a checkpoint folder, or a cached hub id")
+    p.add_argument("--model", default="tiny", help="'tiny', a checkpoint folder, or a hub id (downloaded once)")
+    p.add_argument("--revision", help="hub branch, tag or commit for a hub id --model (default: main)")
     p.add_argument(
         "--no-guardrails",
         dest="guardrails",
@@ -61,9 +65,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="generate images, videos, sound and actions")
     add_model_args(g)
-    g.add_argument("--spec", help="Framework inference JSON: one object or a list (vision_path relative to it)")
+    g.add_argument(
+        "--spec",
+        help="Framework inference entries: a JSON object or list, JSONL, or `cosmos3 upsample` output "
+        "(vision_path, action_path, action_stats relative to it); a failing entry does not stop the others",
+    )
     g.add_argument("--output", help="output file (.mp4, .jpg, .png); default outputs/<mode>.<ext>")
     g.add_argument("--output-dir", default="outputs", help="where --spec runs write <name>/vision.* (default outputs)")
+    g.add_argument(
+        "--resume",
+        action="store_true",
+        help="skip outputs already complete for the same resolved request (their sidecar's request_sha256)",
+    )
+    g.add_argument(
+        "--overwrite", action="store_true", help="replace existing outputs (default: an existing one is an error)"
+    )
     g.add_argument("--mode", choices=MODES, default=None)
     g.add_argument("--prompt")
     g.add_argument("--negative-prompt")
@@ -139,6 +155,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--retention-hours", type=float, default=24.0, help="finished jobs and files are removed after")
     s.add_argument("--max-upload-mb", type=int, default=512)
     s.add_argument(
+        "--allow-private-media-urls",
+        action="store_true",
+        help="fetch request media from loopback / private / link-local addresses (refused by default)",
+    )
+    s.add_argument(
         "--max-batch",
         type=int,
         default=4,
@@ -180,36 +201,135 @@ FLAG_FIELDS = (
 )
 
 
-def requests_from_args(args: argparse.Namespace) -> list[tuple[GenerateRequest, Path]]:
-    """(request, output path) pairs from flags or a spec file; flags given with --spec override every entry."""
+class SpecLineError(ValueError):
+    """A JSONL line that is not JSON: that entry fails, the others run."""
+
+    def __init__(self, line: int, detail: str):
+        super().__init__(f"line {line}: {detail}")
+        self.line, self.detail = line, detail
+
+
+def read_spec(path: Path) -> list[Any]:
+    """The entries of a spec file: a JSON object or a list of them, JSON Lines (`.jsonl`, or any file whose
+    non-empty lines are each one JSON value), or `cosmos3 upsample` output (the same, of structured prompts).
+    A bad JSONL line becomes a `SpecLineError` entry, so that one broken line fails alone."""
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise RequestError("spec", str(path), "a readable JSON or JSONL file", f"cannot be read ({exc})") from exc
+    lines = [(n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+    if path.suffix.lower() != ".jsonl":
+        try:
+            data = json.loads(text)
+            return data if isinstance(data, list) else [data]
+        except json.JSONDecodeError as exc:
+            error = exc
+        entries: list[Any] = []
+        for _, line in lines:  # JSON Lines under another name: only if every line parses
+            try:
+                entries.append(json.loads(line))
+            except json.JSONDecodeError:
+                raise RequestError(
+                    "spec", str(path), "a JSON object or list, or JSON Lines", f"is not valid JSON ({error})"
+                ) from error
+        if len(entries) < 2:
+            raise RequestError(
+                "spec", str(path), "a JSON object or list, or JSON Lines", f"is not valid JSON ({error})"
+            )
+        return entries
+    entries = []
+    for n, line in lines:
+        try:
+            entries.append(json.loads(line))
+        except json.JSONDecodeError as exc:
+            entries.append(SpecLineError(n, str(exc)))
+    return entries
+
+
+def is_structured_prompt(entry: dict[str, Any]) -> bool:
+    """An upsampled prompt (`cosmos3 upsample` output): a `subjects` list and only the cookbook's keys."""
+    from cosmos3.upsample import IMAGE_KEYS, VIDEO_KEYS
+
+    return isinstance(entry.get("subjects"), list) and set(entry) <= IMAGE_KEYS | VIDEO_KEYS
+
+
+def prompt_entry(obj: dict[str, Any]) -> dict[str, Any]:
+    """A structured prompt as a Framework entry: the JSON is the prompt; the mode (image keys, or no duration and
+    fps: text2image) and the canvas and fps the upsampler wrote into it are taken from it. Flags still override
+    them (`--mode image2video --image first.jpg` for image2video prompts)."""
+    from cosmos3.generation.request import FPS_VALUES, RESOLUTIONS
+
+    image = bool({"comprehensive_t2i_caption", "quadrant_scan"} & set(obj)) or not ({"duration", "fps"} & set(obj))
+    entry: dict[str, Any] = {"prompt": json.dumps(obj), "model_mode": "text2image" if image else "text2video"}
+    size = obj.get("resolution")
+    if isinstance(size, dict):
+        for tier, ratios in RESOLUTIONS.items():
+            for ratio, (w, h) in ratios.items():
+                if (w, h) == (size.get("W"), size.get("H")):
+                    entry["resolution"], entry["aspect_ratio"] = tier, ratio
+    if not image and obj.get("fps") in FPS_VALUES:
+        entry["fps"] = float(obj["fps"])
+    return entry
+
+
+@dataclass
+class Job:
+    """One output to make: a spec entry or the flags' request."""
+
+    label: str
+    output: Path
+    request: GenerateRequest | None
+    error: str | None = None  # set when the entry failed
+    status: str = "pending"  # then written, skipped or failed
+
+    def fail(self, message: str) -> None:
+        self.error, self.status = message, "failed"
+
+
+def jobs_from_args(args: argparse.Namespace) -> list[Job]:
+    """The jobs of a run: the flags' one request, or one per spec entry (flags given with --spec override every
+    entry). A spec entry that cannot be read is a failed job; the flags' request raises."""
     flags = {k: getattr(args, k) for k in FLAG_FIELDS if getattr(args, k, None) is not None}
     if not args.spec:
         flags.setdefault("mode", "text2video")
         req = GenerateRequest.from_dict(flags)
         ext = "jpg" if req.mode == "text2image" else "mp4"
-        return [(req, Path(args.output or f"{args.output_dir}/{req.mode}.{ext}"))]
+        output = Path(args.output or f"{args.output_dir}/{req.mode}.{ext}")
+        return [Job(str(output), output, req)]
+    if args.output:
+        raise RequestError("output", args.output, "unset with --spec (entries write <output-dir>/<name>/vision.*)")
     spec_path = Path(args.spec)
-    try:
-        spec = json.loads(spec_path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise RequestError(
-            "spec", str(spec_path), "a readable JSON file (an object or a list of objects)", f"cannot be read ({exc})"
-        ) from exc
-    entries = spec if isinstance(spec, list) else [spec]
-    out = []
-    for i, entry in enumerate(entries):
-        if not isinstance(entry, dict):
-            raise RequestError(f"spec[{i}]", entry, "a JSON object")
-        entry = {**entry, **flags}
-        for key in ("vision_path", "action_path", "action_stats"):
-            value = entry.get(key)
-            if isinstance(value, str) and not Path(value).is_absolute() and "://" not in value:
-                entry[key] = str(spec_path.parent / value)
-        req = GenerateRequest.from_dict(entry, "framework")
-        name = req.name or f"sample_{i}"
-        ext = "jpg" if (req.mode or "text2video") == "text2image" else "mp4"
-        out.append((req, Path(args.output_dir) / name / f"vision.{ext}"))
-    return out
+    aliases = dialect("framework").aliases
+    jobs = []
+    for i, entry in enumerate(read_spec(spec_path)):
+        label = f"sample_{i}"
+        try:
+            if isinstance(entry, SpecLineError):
+                raise RequestError(
+                    "spec", f"line {entry.line}", "one JSON object per line", f"is not valid JSON ({entry.detail})"
+                )
+            if not isinstance(entry, dict):
+                raise RequestError(f"spec[{i}]", entry, "a JSON object")
+            if is_structured_prompt(entry):
+                entry = prompt_entry(entry)
+            # A flag overrides the entry's field under either name (`--mode` replaces `model_mode`, `--image` and
+            # `--video` replace `vision_path`).
+            entry = {k: v for k, v in entry.items() if aliases.get(k) not in flags}
+            if "image" in flags or "video" in flags:
+                entry.pop("vision_path", None)
+            entry = {**entry, **flags}
+            label = str(entry.get("name") or label)
+            for key in ("vision_path", "action_path", "action_stats"):
+                value = entry.get(key)
+                if isinstance(value, str) and not Path(value).is_absolute() and "://" not in value:
+                    entry[key] = str(spec_path.parent / value)
+            req = GenerateRequest.from_dict(entry, "framework")
+        except RequestError as exc:
+            jobs.append(Job(label, Path(args.output_dir) / label, None, f"{exc}", "failed"))
+            continue
+        ext = "jpg" if req.mode == "text2image" else "mp4"
+        jobs.append(Job(label, Path(args.output_dir) / label / f"vision.{ext}", req))
+    return jobs
 
 
 def _guardrails(args: argparse.Namespace):
@@ -230,27 +350,99 @@ def _guardrails(args: argparse.Namespace):
 
 def _engine_options(args: argparse.Namespace, **overrides: Any) -> dict[str, Any]:
     """The keyword arguments of `cosmos3.load` that the model flags set."""
-    names = ("device", "dtype", "surfaces", "fp8", "compile", "vae_tiling", "layerwise_offload")
+    names = ("device", "dtype", "surfaces", "fp8", "compile", "vae_tiling", "layerwise_offload", "revision")
     names += ("tensor_parallel_size", "cfg_parallel_size", "ulysses_degree")
     return {**{name: getattr(args, name) for name in names}, **overrides}
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from cosmos3.engine import TINY_DEFAULTS, load
+    """Make every job's output. A single request raises on error (exit status 2 for a RequestError); a spec run
+    records a failing entry, goes on, and ends with a summary (exit status 1 if any entry failed)."""
+    from tqdm.auto import tqdm
 
-    jobs = requests_from_args(args)
+    from cosmos3.engine import TINY_DEFAULTS, load
+    from cosmos3.generation.result import output_paths
+
+    if args.resume and args.overwrite:
+        raise RequestError("overwrite", True, "either --resume or --overwrite", "conflicts with --resume")
+    batch = bool(args.spec)
+    jobs = jobs_from_args(args)
     defaults = TINY_DEFAULTS if args.model == "tiny" else {}
-    for req, _ in jobs:
-        req.resolved(defaults)  # fail fast, before the model loads (the VAE-dependent checks wait for it)
-    engine = load(args.model, **_engine_options(args, guardrails=_guardrails(args)))
-    for req, output in jobs:
-        resolved = engine.request(req)
-        result = engine.generate(resolved)
-        for path in result.save(output):
-            print(f"wrote {path}")
-        if args.spec:
-            (output.parent / "sample_args.json").write_text(json.dumps(_jsonable(resolved.__dict__)))
-    return 0
+    owners: dict[Path, str] = {}
+    for job in jobs:  # fail fast, before the model loads (the VAE-dependent checks wait for it)
+        if job.error is not None:
+            continue
+        try:
+            job.request.resolved(defaults)
+            if job.output in owners:
+                raise RequestError("name", job.label, "a distinct name for every entry", f"writes {job.output} too")
+            owners[job.output] = job.label
+            if not args.resume and not args.overwrite:
+                _check_free(output_paths(job.output, job.request.mode))
+        except RequestError as exc:
+            if not batch:
+                raise
+            job.fail(str(exc))
+    todo = [job for job in jobs if job.error is None]
+    engine = load(args.model, **_engine_options(args, guardrails=_guardrails(args))) if todo else None
+    bar = tqdm(todo, desc="entries", unit="entry", disable=not (batch and todo))
+    for job in bar:
+        try:
+            job.status = _make(engine, job, args, write=bar.write if batch else print)
+        except Exception as exc:  # a spec run goes on past any failing entry; a single request reports it
+            if not batch:
+                raise
+            job.fail(str(exc) if isinstance(exc, RequestError) else f"{type(exc).__name__}: {exc}")
+    bar.close()
+    if not batch:
+        return 0
+    counts = {status: sum(job.status == status for job in jobs) for status in ("written", "skipped", "failed")}
+    print(
+        f"{len(jobs)} entries: {counts['written']} written, {counts['skipped']} skipped (complete), "
+        f"{counts['failed']} failed"
+    )
+    for job in jobs:
+        if job.status == "failed":
+            print(f"failed: {job.label}: {job.error}", file=sys.stderr)
+    return 1 if counts["failed"] else 0
+
+
+def _check_free(paths: list[Path], why: str = "") -> None:
+    """Never overwrite silently: an existing output is an error that names it."""
+    for path in paths:
+        if path.exists():
+            raise RequestError(  # the whole path in the text: the value shown is cut at 80 characters
+                "output",
+                path.name,
+                "a path that does not exist yet (--overwrite replaces it; --resume skips outputs that are complete "
+                "for the same request)",
+                f"exists: {path}{why}",
+            )
+
+
+def _make(engine, job: Job, args: argparse.Namespace, write: Callable[[str], None]) -> str:
+    """Resolve the job's request once, skip it if --resume finds it complete, else generate and save it."""
+    from cosmos3.generation.result import is_complete, output_paths, read_sidecar, request_json, request_key
+
+    resolved = engine.request(job.request)
+    key = request_key(resolved)
+    if args.resume and is_complete(job.output, key):
+        write(f"skipped {job.output}: complete for this request")
+        return "skipped"
+    if args.resume:  # an unfinished output of this very request is redone; anything else is left alone
+        sidecar = read_sidecar(job.output)
+        if sidecar is None:
+            _check_free([job.output], ", with no sidecar, so it is not known to be this request's")
+        elif sidecar.get("request_sha256") != key:
+            _check_free(output_paths(job.output, resolved.mode), ", made for a different request")
+    start = time.perf_counter()
+    result = engine.generate(resolved)
+    result.record_origin(resolved, engine.path, time.perf_counter() - start)
+    for path in result.save(job.output):
+        write(f"wrote {path}")
+    if args.spec:  # the Framework's record of an entry's arguments, beside its outputs
+        (job.output.parent / "sample_args.json").write_text(json.dumps(request_json(resolved)))
+    return "written"
 
 
 def cmd_reason(args: argparse.Namespace) -> int:
@@ -320,9 +512,10 @@ def cmd_upsample(args: argparse.Namespace) -> int:
         complete = endpoint_completer(args.endpoint_url, args.model, args.api_token)
         from transformers import AutoTokenizer
 
-        from cosmos3.loading.components import resolve_path
+        from cosmos3.loading.components import TOKENIZER_FILES, resolve_path
 
-        path = resolve_path(args.checkpoint)
+        # Only its tokenizer is needed here: a hub checkpoint is fetched without its weights.
+        path = resolve_path(args.checkpoint, patterns=TOKENIZER_FILES)
         tokenizer = AutoTokenizer.from_pretrained(
             path / "text_tokenizer" if (path / "text_tokenizer").is_dir() else path
         )
@@ -362,8 +555,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if args.allowed_local_media_path
         else None,
         # --allow-private-media-urls (or COSMOS3_ALLOW_PRIVATE_URLS=1): fetch media from private addresses too
-        allow_private_urls=bool(getattr(args, "allow_private_media_urls", False))
-        or os.environ.get("COSMOS3_ALLOW_PRIVATE_URLS") == "1",
+        allow_private_urls=args.allow_private_media_urls or os.environ.get("COSMOS3_ALLOW_PRIVATE_URLS") == "1",
         jobs_db=Path(args.jobs_db),
         outputs_dir=Path(args.outputs_dir),
         retention_s=args.retention_hours * 3600,
@@ -374,13 +566,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
     print(f"serving {args.model} on http://{args.host}:{args.port} (jobs: {settings.jobs_db})", flush=True)
     serve(engine, settings, args.host, args.port)
     return 0
-
-
-def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
-    return {
-        k: (v if isinstance(v, (str, int, float, bool, list, type(None))) else str(type(v).__name__))
-        for k, v in d.items()
-    }
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -30,6 +30,7 @@ FETCH_TIMEOUT_S = 20.0
 MAX_REDIRECTS = 5
 # x264's macroblock tree (mbtree) reads uninitialised heap memory in its AVX-512 code, so with it on the same frames
 # give different files depending on what the process allocated before (see write_video).
+# crf 17: x264's "visually lossless" quality (its documentation puts it at 17-18); preset medium is x264's default.
 X264_OPTIONS = {"crf": "17", "preset": "medium", "x264-params": "mbtree=0"}
 
 
@@ -406,13 +407,20 @@ def write_video(
     fps: float,
     sound: np.ndarray | None = None,
     sample_rate: int | None = None,
+    tags: dict[str, str] | None = None,
 ) -> None:
-    """H.264 MP4 at `fps` from uint8 `[T, H, W, 3]`; with `sound` `[channels, samples]` an AAC track is muxed."""
+    """H.264 MP4 at `fps` from uint8 `[T, H, W, 3]`; with `sound` `[channels, samples]` an AAC track is muxed.
+
+    `tags` become container metadata (read back by ffprobe, PyAV's `container.metadata`, players)."""
     import av
 
     t, h, w, _ = frames.shape
     rate = Fraction(fps).limit_denominator(1001)
-    with av.open(str(path), mode="w") as container:
+    # The MP4 muxer keeps only its fixed set of keys (title, comment, ...) unless told to write free-form ones.
+    options = {"movflags": "use_metadata_tags"} if tags else {}
+    with av.open(str(path), mode="w", options=options) as container:
+        for key, value in (tags or {}).items():
+            container.metadata[key] = value
         stream = container.add_stream("libx264", rate=rate)
         stream.width, stream.height = w - w % 2, h - h % 2  # yuv420p needs even sizes
         stream.pix_fmt = "yuv420p"
