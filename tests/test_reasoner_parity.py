@@ -180,8 +180,9 @@ def test_logits_and_greedy_tokens_match(pair, case):
     with torch.no_grad():
         ref_tokens = ref.generate(**inputs, max_new_tokens=20, do_sample=False)[0, inputs["input_ids"].shape[1] :]
     prompt = engine.reasoner.encode(ours_messages)
-    stream = token_stream(engine.reasoner.transformer, [prompt], Sampling(max_tokens=20), engine.reasoner.eos_token_ids)
-    ours_tokens = [t[0] for t in stream if t[0] is not None]
+    greedy = Sampling(max_tokens=20, temperature=0, presence_penalty=0)
+    stream = token_stream(engine.reasoner.transformer, [prompt], greedy, engine.reasoner.eos_token_ids)
+    ours_tokens = [t[0].id for t in stream if t[0] is not None]
     assert ours_tokens == ref_tokens.tolist()[: len(ours_tokens)]
     assert len(ours_tokens) == 20 or ref_tokens[len(ours_tokens)] == engine.reasoner.tokenizer.eos_token_id
 

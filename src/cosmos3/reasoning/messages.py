@@ -69,6 +69,20 @@ def positive_number(value: Any, most: float) -> bool:
     return ok and math.isfinite(value) and 0 < value <= most
 
 
+def asks_for_reasoning(messages: Any) -> bool:
+    """True when the last user turn asks for the documents' explicit-reasoning format (the <think> tags): such a
+    request gets the with-reasoning sampling settings, as the documents pair them."""
+    if not isinstance(messages, list):
+        return False
+    users = [m for m in messages if isinstance(m, dict) and m.get("role") == "user"]
+    if not users:
+        return False
+    content = users[-1].get("content")
+    parts = [content] if isinstance(content, str) else content if isinstance(content, list) else []
+    texts = [p if isinstance(p, str) else p.get("text") for p in parts if isinstance(p, (str, dict))]
+    return any(isinstance(t, str) and "</think>" in t for t in texts)
+
+
 def template_messages(messages: Any, reasoning: bool, media: MediaReader | None) -> tuple[list[dict], list, list]:
     """Validate OpenAI / Qwen3-VL messages; returns (chat-template messages, images, videos) in order.
 

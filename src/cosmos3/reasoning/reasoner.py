@@ -18,8 +18,14 @@ import torch
 from cosmos3.errors import RequestError
 from cosmos3.media import fetch_bytes
 from cosmos3.model.transformer import Cosmos3Transformer
-from cosmos3.reasoning.decoding import Prompt, Sampling, prompt_logits, token_stream
-from cosmos3.reasoning.messages import MAX_MEDIA_BYTES, MediaReader, template_messages, video_sampling
+from cosmos3.reasoning.decoding import Prompt, Row, Sampling, Token, grammar_of, prompt_logits, token_stream
+from cosmos3.reasoning.messages import (
+    MAX_MEDIA_BYTES,
+    MediaReader,
+    asks_for_reasoning,
+    template_messages,
+    video_sampling,
+)
 
 
 @dataclass
@@ -27,7 +33,8 @@ class Reply:
     text: str
     prompt_tokens: int
     completion_tokens: int
-    finish_reason: str  # "stop" (end of turn or a stop string) or "length"
+    finish_reason: str  # "stop" (end of turn, grammar complete or a stop string) or "length"
+    logprobs: list[dict] | None = None  # OpenAI's logprobs.content entries, with Sampling.logprobs
 
 
 def split_reasoning(text: str) -> tuple[str, str]:
@@ -89,6 +96,8 @@ class Reasoner:
         self.allowed_media_dir = allowed_media_dir
         self.allow_local = True  # a server without an allowed media folder turns local paths off
         self.allow_private: bool | None = None  # URLs to private addresses: None follows fetch_bytes' rule
+        self._guidance_tokenizer = None
+        self._token_bytes: dict[int, bytes] = {}
 
     @property
     def device(self) -> torch.device:
@@ -200,57 +209,186 @@ class Reasoner:
         return prompt_logits(self.transformer, self.encode(messages, **encode_kwargs))
 
     def complete(self, conversations: list[list[dict]], params: Sampling, **encode_kwargs: Any) -> list[Reply]:
-        """Decode replies to several conversations in one batch."""
-        params.check()
-        prompts = [self.encode(m, **encode_kwargs) for m in conversations]
-        ids: list[list[int]] = [[] for _ in prompts]
-        finished = [False] * len(prompts)  # end of turn or a stop string
-        for step_tokens in token_stream(self.transformer, prompts, params, self.eos_token_ids):
-            for b, tok in enumerate(step_tokens):
-                if finished[b]:
-                    continue
-                if tok is None:
-                    finished[b] = True
-                    continue
-                ids[b].append(tok)
-                if params.stop:
-                    text = self.tokenizer.decode(ids[b], skip_special_tokens=True)
-                    finished[b] = any(s in text for s in params.stop)
-            if all(finished):
-                break
-        return [
-            Reply(
-                self._cut(self.tokenizer.decode(i, skip_special_tokens=True), params.stop),
-                len(p.input_ids),
-                len(i),
-                "stop" if done else "length",
-            )
-            for p, i, done in zip(prompts, ids, finished, strict=True)
-        ]
+        """Decode replies to several conversations in one batch: `params.n` choices each, conversation-major."""
+        replies: dict[int, Reply] = {}
+        texts: dict[int, list[str]] = {}
+        for delta in self.deltas(conversations, params, **encode_kwargs):
+            texts.setdefault(delta.index, []).append(delta.text)
+            reply = replies.setdefault(delta.index, Reply("", 0, 0, "", [] if delta.logprobs is not None else None))
+            if delta.logprobs is not None:
+                reply.logprobs.extend(delta.logprobs)
+            if delta.finish_reason is not None:
+                reply.finish_reason = delta.finish_reason
+                reply.prompt_tokens, reply.completion_tokens = delta.prompt_tokens, delta.completion_tokens
+        for index, reply in replies.items():
+            reply.text = "".join(texts[index])
+        return [replies[i] for i in sorted(replies)]
 
     def stream(self, messages: list[dict], params: Sampling, **encode_kwargs: Any) -> Iterator[str]:
-        """Yield the reply in pieces as it is decoded (a piece never splits a character)."""
-        params.check()
-        prompt = self.encode(messages, **encode_kwargs)
-        ids: list[int] = []
-        sent = text = ""
-        for (tok,) in token_stream(self.transformer, [prompt], params, self.eos_token_ids):
-            if tok is None:
-                break
-            ids.append(tok)
-            raw = self.tokenizer.decode(ids, skip_special_tokens=True)
-            text = self._cut(raw, params.stop)
-            if not text.endswith("\ufffd") and len(text) > len(sent):  # hold back a half-decoded character
-                yield text[len(sent) :]
-                sent = text
-            if params.stop and text != raw:
-                break
-        if len(text) > len(sent):
-            yield text[len(sent) :]
+        """Yield the reply (the first choice) in pieces as it is decoded (a piece never splits a character)."""
+        for delta in self.deltas([messages], params, **encode_kwargs):
+            if delta.index == 0 and delta.text:
+                yield delta.text
 
-    @staticmethod
-    def _cut(text: str, stop: list[str]) -> str:
-        for s in stop:
-            if s in text:
-                text = text[: text.index(s)]
-        return text
+    def deltas(self, conversations: list[list[dict]], params: Sampling, **encode_kwargs: Any) -> Iterator[Delta]:
+        """Decode `params.n` choices per conversation as one batch, yielding each choice's text as it grows.
+
+        Unset sampling fields take the documents' settings, with reasoning when `reasoning=True` or when every
+        conversation's last user turn asks for the <think> format. A choice's last delta has its finish_reason
+        and token counts."""
+        reasoning = bool(encode_kwargs.get("reasoning")) or all(asks_for_reasoning(m) for m in conversations)
+        params = params.resolved(reasoning).check()
+        grammar = self.grammar(params.response_format)
+        prompts = [self.encode(m, **encode_kwargs) for m in conversations]
+        rows = [
+            Row((params.seed + i) % 2**63, self.matcher(grammar) if grammar else None)
+            for _ in prompts
+            for i in range(params.n)
+        ]
+        choices = [Choice(self, params, len(p.input_ids)) for p in prompts for _ in range(params.n)]
+        stream = token_stream(
+            self.transformer, [p for p in prompts for _ in range(params.n)], params, self.eos_token_ids, rows
+        )
+        for tokens in stream:
+            for index, (row, choice, token) in enumerate(zip(rows, choices, tokens, strict=True)):
+                if choice.finished:
+                    continue
+                if token is not None:
+                    delta = choice.push(token)
+                    if choice.stopped:  # a stop string: the row ends here
+                        row.finish_reason = "stop"
+                    if delta is not None:
+                        yield Delta(index, *delta)
+                if row.done:
+                    yield Delta(index, *choice.finish(), row.finish_reason, choice.prompt_tokens, len(choice.ids))
+        for index, (row, choice) in enumerate(zip(rows, choices, strict=True)):
+            if not choice.finished:  # a decode cut short by its caller
+                yield Delta(
+                    index, *choice.finish(), row.finish_reason or "length", choice.prompt_tokens, len(choice.ids)
+                )
+
+    # ------------------------------------------------------------------------------------ structured outputs
+    @property
+    def guidance_tokenizer(self):
+        """llguidance's view of the tokenizer (built once): token bytes, and the end-of-turn tokens it may allow."""
+        if self._guidance_tokenizer is None:
+            import llguidance.hf
+
+            try:
+                self._guidance_tokenizer = llguidance.hf.from_tokenizer(
+                    self.tokenizer, n_vocab=self.transformer.config.vocab_size, eos_token=self.eos_token_ids
+                )
+            except ValueError as exc:
+                raise RequestError(
+                    "response_format", "json", "a checkpoint with a fast (tokenizers) tokenizer", str(exc)
+                ) from exc
+        return self._guidance_tokenizer
+
+    def grammar(self, response_format: dict | None) -> str | None:
+        """The request's grammar, checked against this tokenizer (a schema llguidance cannot enforce is named)."""
+        from llguidance import LLMatcher
+
+        try:
+            grammar = grammar_of(response_format)
+        except ValueError as exc:  # llguidance's own schema errors
+            raise RequestError("response_format.json_schema.schema", "<schema>", "a JSON schema", str(exc)) from exc
+        if grammar is None:
+            return None
+        error = LLMatcher.validate_grammar(grammar, self.guidance_tokenizer)
+        if error:
+            field = (
+                "response_format.json_schema.schema"
+                if response_format.get("type") == "json_schema"
+                else "response_format"
+            )
+            raise RequestError(field, "<schema>", "a JSON schema that llguidance can enforce", error)
+        return grammar
+
+    def matcher(self, grammar: str):
+        from llguidance import LLMatcher
+
+        matcher = LLMatcher(self.guidance_tokenizer, grammar, log_level=0)
+        if matcher.is_error():
+            raise RequestError("response_format", "<schema>", "a grammar llguidance can enforce", matcher.get_error())
+        return matcher
+
+    def token_bytes(self, token: int) -> bytes:
+        if token not in self._token_bytes:
+            tok = self.guidance_tokenizer
+            special = tok.is_special_token(token)
+            self._token_bytes[token] = self.tokenizer.decode([token]).encode() if special else tok.decode_bytes([token])
+        return self._token_bytes[token]
+
+    def logprob_entry(self, token: int, logprob: float) -> dict:
+        raw = self.token_bytes(token)
+        return {"token": raw.decode("utf-8", errors="replace"), "logprob": logprob, "bytes": list(raw)}
+
+
+@dataclass
+class Delta:
+    """A piece of one choice's reply: its text, the logprobs of the tokens that made it (OpenAI's
+    `logprobs.content` entries, with logprobs), and on the choice's last delta its finish_reason and token counts."""
+
+    index: int
+    text: str = ""
+    logprobs: list[dict] | None = None
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+class Choice:
+    """One choice's text as its tokens arrive: incremental detokenization (a piece never splits a character),
+    stop strings cut (text that could still become a stop string is held back), logprobs kept with their text."""
+
+    def __init__(self, reasoner: Reasoner, params: Sampling, prompt_tokens: int):
+        self.reasoner, self.params, self.prompt_tokens = reasoner, params, prompt_tokens
+        self.ids: list[int] = []
+        self.prefix = self.read = 0  # vLLM's incremental detokenization offsets
+        self.text = ""  # decoded so far
+        self.sent = 0  # characters of text already given out
+        self.pending: list[dict] | None = [] if params.logprobs else None
+        self.hold = max((len(s) for s in params.stop), default=1) - 1
+        self.stopped = self.finished = False
+
+    def decode(self, ids: list[int]) -> str:
+        return self.reasoner.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def push(self, token: Token) -> tuple[str, list[dict] | None] | None:
+        self.ids.append(token.id)
+        if self.pending is not None:
+            entry = self.reasoner.logprob_entry(token.id, token.logprob)
+            entry["top_logprobs"] = [self.reasoner.logprob_entry(t, lp) for t, lp in token.top or []]
+            self.pending.append(entry)
+        before = self.decode(self.ids[self.prefix : self.read])
+        now = self.decode(self.ids[self.prefix :])
+        if len(now) > len(before) and not now.endswith("\ufffd"):
+            self.text += now[len(before) :]
+            self.prefix, self.read = self.read, len(self.ids)
+        for stop in self.params.stop:
+            at = self.text.find(stop, max(0, self.sent - len(stop)))
+            if at >= 0:
+                self.text, self.stopped = self.text[:at], True
+        return self.take(len(self.text) if self.stopped else len(self.text) - self.hold)
+
+    def take(self, end: int) -> tuple[str, list[dict] | None] | None:
+        if end <= self.sent:
+            return None
+        piece, self.sent = self.text[self.sent : end], end
+        logprobs, self.pending = self.pending, [] if self.pending is not None else None
+        return piece, logprobs
+
+    def finish(self) -> tuple[str, list[dict] | None]:
+        """The rest of the text (a trailing partial character too) and logprobs."""
+        if not self.stopped:
+            rest = self.decode(self.ids[self.prefix :])[len(self.decode(self.ids[self.prefix : self.read])) :]
+            self.text += rest
+            for stop in self.params.stop:
+                at = self.text.find(stop, max(0, self.sent - len(stop)))
+                if at >= 0:
+                    self.text = self.text[:at]
+        self.finished = True
+        piece = self.text[self.sent :]
+        self.sent = len(self.text)
+        logprobs, self.pending = self.pending, [] if self.pending is not None else None
+        return piece, logprobs

@@ -1,5 +1,11 @@
 """`POST /v1/chat/completions`: the Reasoner, OpenAI messages, `stream: true` as server-sent events.
 
+OpenAI's fields: `n` choices, `stop`, `seed`, `logprobs` / `top_logprobs`, `frequency_penalty` / `presence_penalty`,
+`max_completion_tokens`, `response_format` (json_object, json_schema: constrained decoding with llguidance),
+`stream_options.include_usage`; vLLM's `top_k`, `repetition_penalty`, `media_io_kwargs`, `mm_processor_kwargs`.
+Unset sampling fields take the documents' settings (with reasoning when the last user turn asks for <think>).
+A field this server does not take (tools, logit_bias, ...) is a 400 naming it.
+
 A conversation runs in a thread of its own pool and takes the engine from the job worker between batches
 (`Worker.exclusive`); the event loop only awaits it, so a conversation that waits for a long video never holds up
 other routes."""
@@ -12,6 +18,7 @@ import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from typing import Any, Literal
 
 from fastapi import APIRouter, Request
@@ -19,7 +26,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from cosmos3.errors import RequestError
-from cosmos3.reasoning.reasoner import Sampling
+from cosmos3.reasoning.decoding import MAX_N, MAX_TOP_LOGPROBS, Sampling
 from cosmos3.server.errors import APIError
 from cosmos3.server.jobs import Worker
 from cosmos3.server.state import ServerState, state
@@ -48,6 +55,7 @@ class ProcessorKwargs(BaseModel):
 
 
 class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
     include_usage: bool | None = None
 
 
@@ -56,20 +64,30 @@ class ChatRequest(BaseModel):
     messages: list[dict[str, Any]]
     model: str | None = None
     max_tokens: int | None = None
-    max_completion_tokens: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None
-    repetition_penalty: float | None = None
-    presence_penalty: float | None = None
-    seed: int | None = None
+    max_completion_tokens: int | None = Field(None, description="wins over max_tokens")
+    temperature: float | None = Field(None, description="unset: the documents' 0.7 (0.6 with reasoning)")
+    top_p: float | None = Field(None, description="unset: 0.8 (0.95 with reasoning)")
+    top_k: int | None = Field(None, description="unset: 20; -1 or 0: off")
+    repetition_penalty: float | None = Field(None, description="unset: 1.0")
+    presence_penalty: float | None = Field(None, description="unset: 1.5 (0.0 with reasoning)")
+    frequency_penalty: float | None = None
+    seed: int | None = Field(None, description="choice i uses seed + i; unset: random")
     stop: str | list[str] | None = None
-    n: int = Field(1, ge=1, le=1, description="one choice per request")
+    n: int = Field(1, description=f"choices, 1 to {MAX_N}, decoded together")
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, description=f"0 to {MAX_TOP_LOGPROBS}; needs logprobs")
+    response_format: dict[str, Any] | None = Field(
+        None, description='{"type": "text" | "json_object" | "json_schema", "json_schema": {"name", "schema"}}'
+    )
     stream: bool = False
     stream_options: StreamOptions | None = None
     media_io_kwargs: MediaIO | None = Field(None, description='how video frames are sampled: {"video": {"fps": 4}}')
     mm_processor_kwargs: ProcessorKwargs | None = Field(None, description="fps / num_frames; wins over media_io_kwargs")
     user: str | None = None
+
+
+class Logprobs(BaseModel):
+    content: list[dict[str, Any]]
 
 
 class ChatMessage(BaseModel):
@@ -81,6 +99,7 @@ class ChatChoice(BaseModel):
     index: int
     message: ChatMessage
     finish_reason: str
+    logprobs: Logprobs | None = None
 
 
 class Usage(BaseModel):
@@ -116,7 +135,7 @@ class Conversations:
     async def complete(self, reasoner, messages: list[dict], sampling: Sampling, encode: dict):
         def run():
             with self.worker.exclusive():
-                return reasoner.complete([messages], sampling, **encode)[0]
+                return reasoner.complete([messages], sampling, **encode)
 
         self.admit()
         try:
@@ -143,10 +162,10 @@ class Conversations:
                 with self.worker.exclusive():
                     if stop.is_set():  # the client went away while the engine was busy
                         return
-                    for piece in reasoner.stream(messages, sampling, **encode):
+                    for delta in reasoner.deltas([messages], sampling, **encode):
                         if stop.is_set():  # the client went away: give the engine back
                             break
-                        put(("piece", piece))
+                        put(("delta", delta))
                 put(("end", None))
             except Exception as exc:  # reported in the reply; the server keeps running
                 put(("error", exc))
@@ -167,15 +186,23 @@ class Conversations:
 
 
 def sampling_of(body: ChatRequest) -> tuple[Sampling, dict[str, Any]]:
+    """The request's Sampling; fields left unset stay None, for the Reasoner to give the documents' settings."""
     sampling = Sampling(
-        max_tokens=body.max_completion_tokens or body.max_tokens or 256,
-        temperature=1.0 if body.temperature is None else body.temperature,
-        top_p=1.0 if body.top_p is None else body.top_p,
-        top_k=0 if body.top_k in (None, -1) else body.top_k,
-        repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
-        presence_penalty=0.0 if body.presence_penalty is None else body.presence_penalty,
+        max_tokens=next(
+            (v for v in (body.max_completion_tokens, body.max_tokens) if v is not None), Sampling.max_tokens
+        ),
+        temperature=body.temperature,
+        top_p=body.top_p,
+        top_k=0 if body.top_k == -1 else body.top_k,
+        repetition_penalty=body.repetition_penalty,
+        presence_penalty=body.presence_penalty,
+        frequency_penalty=body.frequency_penalty or 0.0,
         seed=body.seed if body.seed is not None else random_seed(),
         stop=[body.stop] if isinstance(body.stop, str) else list(body.stop or []),
+        n=body.n,
+        logprobs=bool(body.logprobs),
+        top_logprobs=body.top_logprobs or 0,
+        response_format=body.response_format,
     )
     encode: dict[str, Any] = {}
     for source in (body.media_io_kwargs.video if body.media_io_kwargs else None, body.mm_processor_kwargs):
@@ -210,12 +237,18 @@ def check(server: ServerState, body: ChatRequest) -> tuple[Any, Sampling, dict[s
         raise APIError(
             400, f"messages hold {chars} characters; this server accepts {settings.limits.max_chat_chars}", "messages"
         )
+    if body.stream_options is not None and not body.stream:
+        raise APIError(400, "stream_options is only allowed with stream: true", "stream_options")
     sampling, encode = sampling_of(body)
     try:
-        sampling.check()
+        replace(sampling).check()  # the unset fields stay unset: the Reasoner resolves them per conversation
         settings.limits.check_tokens(sampling.max_tokens)
+        engine.reasoner.grammar(sampling.response_format)
     except RequestError as exc:
-        raise APIError(400, str(exc), exc.field) from exc
+        field = exc.field
+        if field == "max_tokens" and body.max_completion_tokens is not None:
+            field = "max_completion_tokens"
+        raise APIError(400, str(exc).replace("max_tokens", field, 1), field) from exc
     return engine.reasoner, sampling, encode
 
 
@@ -230,16 +263,25 @@ async def chat_completions(body: ChatRequest, request: Request):
     reasoner, sampling, encode = check(server, body)
     created, completion_id, model = int(time.time()), f"chatcmpl-{uuid.uuid4().hex}", server.settings.model_name
     if not body.stream:
-        reply = await conversations.complete(reasoner, body.messages, sampling, encode)
+        replies = await conversations.complete(reasoner, body.messages, sampling, encode)
+        completion_tokens = sum(r.completion_tokens for r in replies)
         return ChatCompletion(
             id=completion_id,
             created=created,
             model=model,
-            choices=[ChatChoice(index=0, message=ChatMessage(content=reply.text), finish_reason=reply.finish_reason)],
+            choices=[
+                ChatChoice(
+                    index=i,
+                    message=ChatMessage(content=r.text),
+                    finish_reason=r.finish_reason,
+                    logprobs=Logprobs(content=r.logprobs) if r.logprobs is not None else None,
+                )
+                for i, r in enumerate(replies)
+            ],
             usage=Usage(
-                prompt_tokens=reply.prompt_tokens,
-                completion_tokens=reply.completion_tokens,
-                total_tokens=reply.prompt_tokens + reply.completion_tokens,
+                prompt_tokens=replies[0].prompt_tokens,
+                completion_tokens=completion_tokens,
+                total_tokens=replies[0].prompt_tokens + completion_tokens,
             ),
         )
 
@@ -249,26 +291,51 @@ async def chat_completions(body: ChatRequest, request: Request):
     if first[0] == "error":
         stop.set()
         raise first[1]
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
-    def chunk(delta: dict, finish: str | None = None) -> str:
+    def chunk(choices: list[dict], usage: dict | None = None) -> str:
         data = {
             "id": completion_id,
             "object": "chat.completion.chunk",
             "created": created,
             "model": model,
-            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+            "choices": choices,
         }
+        if include_usage:
+            data["usage"] = usage
         return f"data: {json.dumps(data)}\n\n"
 
+    def choice(delta: Any) -> dict:
+        out = {"index": delta.index, "delta": {"content": delta.text}, "finish_reason": delta.finish_reason}
+        if sampling.logprobs:
+            out["logprobs"] = {"content": delta.logprobs or []}
+        return out
+
     async def events():
+        prompt_tokens = completion_tokens = 0
         try:
-            yield chunk({"role": "assistant", "content": ""})
+            yield chunk(
+                [
+                    {"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
+                    for i in range(sampling.n)
+                ]
+            )
             kind, value = first
             while True:
-                if kind == "piece":
-                    yield chunk({"content": value})
+                if kind == "delta":
+                    if value.finish_reason is not None:
+                        prompt_tokens = value.prompt_tokens
+                        completion_tokens += value.completion_tokens
+                    if value.text or value.finish_reason is not None:
+                        yield chunk([choice(value)])
                 elif kind == "end":
-                    yield chunk({}, "stop")
+                    if include_usage:
+                        usage = Usage(
+                            prompt_tokens=prompt_tokens,
+                            completion_tokens=completion_tokens,
+                            total_tokens=prompt_tokens + completion_tokens,
+                        )
+                        yield chunk([], usage.model_dump())
                     break
                 else:
                     error_type = "BadRequestError" if isinstance(value, RequestError) else "InternalServerError"
