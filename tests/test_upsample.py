@@ -9,9 +9,14 @@ import sys
 import threading
 import time
 
+import jsonschema_rs  # schemathesis, a test dependency, brings it
 import pytest
 import uvicorn
 from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+
+import cosmos3
+from cosmos3.upsample import Upsampler, endpoint_completer, self_completer
 
 VALID = {
     "subjects": [{"description": "a red robot arm", "location": "center"}],
@@ -31,8 +36,10 @@ def fake_app() -> FastAPI:
         body = await request.json()
         app.state.calls.append(body)
         model = body["model"]
+        if model == "no-formats" and "response_format" in body:  # an endpoint without structured outputs
+            return JSONResponse({"error": {"message": "response_format is not supported", "code": 400}}, 400)
         attempt = sum(1 for c in app.state.calls if c["messages"] == body["messages"])
-        if model == "valid" or (model == "flaky" and attempt > 1):
+        if model in ("valid", "no-formats") or (model == "flaky" and attempt > 1):
             content = "```json\n" + json.dumps(VALID) + "\n```"
         elif model == "long":
             content = json.dumps({**VALID, "background_setting": "a very detailed lab " * 60})
@@ -198,7 +205,7 @@ def test_long_prompts_are_reported(endpoint, tmp_path):
     assert len(json.loads((tmp_path / "out.json").read_text())[0]["background_setting"]) > 1000  # not cut
 
 
-def test_self_upsampling_runs_end_to_end_on_tiny(tmp_path):
+def test_self_upsampling_with_too_small_a_budget_fails_clearly(tmp_path):
     proc = upsample(
         tmp_path,
         "--output",
@@ -211,6 +218,56 @@ def test_self_upsampling_runs_end_to_end_on_tiny(tmp_path):
         "--max-tokens",
         "16",
     )
-    # Random weights never produce the structured JSON: the validation path runs, retries, then says so.
+    # 16 tokens cannot hold the structured JSON: the reply is cut, retried with new seeds, then reported.
     assert proc.returncode == 2, proc.stderr
     assert "no valid JSON in 3 attempts" in proc.stderr
+
+
+# ------------------------------------------------------------------ structured outputs, seeds, the openai client
+@pytest.fixture(scope="module")
+def tiny():
+    return cosmos3.load("tiny", surfaces=["reasoner"])
+
+
+@pytest.mark.parametrize("mode", ["text2image", "text2video"])
+def test_self_upsampling_succeeds_on_tiny_through_constrained_decoding(tiny, mode):
+    """Random weights write schema-valid structured prompts only because decoding is held to the schema."""
+    upsampler = Upsampler(mode, self_completer(tiny), resolution="480", max_field_chars=8)
+    obj = upsampler.upsample("a robot arm lifts a cup")
+    assert upsampler.parse(json.dumps(obj)) == obj and obj["resolution"] == {"H": 480, "W": 832}
+    geometry = {"resolution", "aspect_ratio", "duration", "fps"}
+    jsonschema_rs.validate(upsampler.schema, {k: v for k, v in obj.items() if k not in geometry})
+    free = self_completer(tiny, max_tokens=64)(upsampler.messages("a robot arm lifts a cup", None))
+    assert upsampler.parse(free) is None  # the same model unconstrained writes no structured prompt
+
+
+def test_retries_use_a_new_seed():
+    calls = []
+
+    def complete(messages, seed, response_format):
+        calls.append((seed, response_format["json_schema"]["schema"]["required"]))
+        return "not json" if len(calls) < 3 else json.dumps(VALID)
+
+    assert Upsampler("text2video", complete).upsample("a cup")["subjects"] == VALID["subjects"]
+    assert [seed for seed, _ in calls] == [3407, 3408, 3409]
+    assert calls[0][1] == ["subjects", "background_setting", "temporal_caption"]
+
+
+def test_the_schema_goes_to_endpoints_as_response_format(endpoint, monkeypatch):
+    url, app = endpoint
+    upsampler = Upsampler("text2video", endpoint_completer(url, "valid", None))
+    upsampler.upsample("a cup")
+    assert app.state.calls[-1]["response_format"] == upsampler.response_format
+    # An endpoint that refuses response_format is asked without it (the reply is still checked).
+    upsampler = Upsampler("text2video", endpoint_completer(url, "no-formats", None))
+    assert upsampler.upsample("a cup")["subjects"] == VALID["subjects"]
+    assert "response_format" in app.state.calls[-2] and "response_format" not in app.state.calls[-1]
+    # Seed 000's variables name the endpoint when the arguments do not.
+    monkeypatch.setenv("PROMPT_UPSAMPLER_ENDPOINT_URL", url)
+    monkeypatch.setenv("PROMPT_UPSAMPLER_MODEL_NAME", "valid")
+    monkeypatch.setenv("PROMPT_UPSAMPLER_API_TOKEN", "tok")
+    Upsampler("text2video", endpoint_completer()).upsample("a dog")
+    assert app.state.calls[-1]["model"] == "valid" and app.state.calls[-1]["seed"] == 3407
+    monkeypatch.delenv("PROMPT_UPSAMPLER_MODEL_NAME")
+    with pytest.raises(cosmos3.RequestError, match="PROMPT_UPSAMPLER_MODEL_NAME"):
+        endpoint_completer(url)
