@@ -9,6 +9,7 @@ import sys
 import av
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from cosmos3.cli import main
@@ -175,3 +176,72 @@ def test_reason_with_image_and_stream(tmp_path):
     assert proc.returncode == 0, proc.stderr
     proc = run_cli("reason", "--model", "tiny", "--image", str(tmp_path / "missing.png"), "--prompt", "x")
     assert proc.returncode == 2 and "does not exist" in proc.stderr
+
+
+class _Stop(Exception):
+    """Raised by the stand-in loader once it has recorded its arguments."""
+
+
+def _recording_load(calls: list):
+    def load(model, **kwargs):
+        calls.append({"model": model, **kwargs})
+        raise _Stop()
+
+    return load
+
+
+SWITCHES = ["--fp8", "--compile", "--vae-tiling", "--surfaces", "generator,reasoner", "--revision", "v2"]
+SWITCHED = {"fp8": True, "compile": True, "vae_tiling": True, "surfaces": ["generator", "reasoner"], "revision": "v2"}
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["generate", "--prompt", "x", "--output", "never.mp4"],
+        ["reason", "--prompt", "x"],
+        ["serve", "--port", "1"],
+    ],
+)
+def test_model_switches_reach_the_engine(monkeypatch, tmp_path, command):
+    import cosmos3.engine
+
+    monkeypatch.chdir(tmp_path)
+    calls: list = []
+    monkeypatch.setattr(cosmos3.engine, "load", _recording_load(calls))
+    assert main([*command, "--model", "some/model", *SWITCHES, "--ulysses-degree", "2"]) == 1  # _Stop, reported
+    (call,) = calls
+    assert call["model"] == "some/model" and call["ulysses_degree"] == 2 and call["tensor_parallel_size"] == 1
+    for name, value in SWITCHED.items():
+        assert call[name] == value, name
+    calls.clear()
+    assert main([*command, "--model", "some/model"]) == 1
+    assert {k: calls[0][k] for k in SWITCHED} == {
+        "fp8": False,
+        "compile": False,
+        "vae_tiling": False,
+        "surfaces": ["reasoner"] if command[0] == "reason" else None,  # reason loads only the Reasoner by default
+        "revision": None,
+    }
+
+
+def test_step_cache_reaches_the_request(monkeypatch, tmp_path):
+    import cosmos3.engine
+    from cosmos3.generation.result import GenerationResult
+
+    seen = []
+
+    class Engine:  # the two calls cmd_generate makes, recorded
+        path = tmp_path
+
+        def request(self, req):
+            return req.resolved({}, (16, 4))
+
+        def generate(self, req):
+            seen.append(req)
+            return GenerationResult(video=np.zeros((1, 16, 16, 3), np.uint8), fps=24.0, latents=torch.zeros(1))
+
+    monkeypatch.setattr(cosmos3.engine, "load", lambda model, **kwargs: Engine())
+    out = tmp_path / "a.jpg"
+    args = ["generate", "--mode", "text2image", "--prompt", "x", "--step-cache", "0.05", "--output", str(out)]
+    assert main(args) == 0
+    assert seen[0].step_cache == 0.05 and json.loads(out.with_name("a.jpg.json").read_text())["request"]["step_cache"]
