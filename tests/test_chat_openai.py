@@ -154,18 +154,18 @@ def test_frequency_penalty_changes_the_reply(client):
 
 def test_the_documents_settings_are_the_defaults(client, engine, monkeypatch):
     seen = []
-    original = engine.reasoner.deltas
+    original = engine.reasoner.prepare
 
     def spy(conversations, params, **kwargs):
-        seen.append(params)
-        return original(conversations, params, **kwargs)
+        decode = original(conversations, params, **kwargs)
+        seen.append(decode.params)  # as resolved for decoding
+        return decode
 
-    monkeypatch.setattr(engine.reasoner, "deltas", spy)
+    monkeypatch.setattr(engine.reasoner, "prepare", spy)
     create(client, max_tokens=2)
     think = [{"role": "user", "content": "Is it stable? Answer in <think>...</think> then the answer."}]
-    create(client, messages=think, max_tokens=2)
-    resolved = [params.resolved(reasoning).check() for params, reasoning in zip(seen, (False, True), strict=True)]
-    for params, reasoning in zip(resolved, (False, True), strict=True):
+    create(client, messages=think, max_tokens=2, stream=True)
+    for params, reasoning in zip(seen, (False, True), strict=True):
         assert {k: getattr(params, k) for k in DEFAULTS[reasoning]} == DEFAULTS[reasoning]
     assert DEFAULTS[False] == dict(temperature=0.7, top_p=0.8, top_k=20, repetition_penalty=1.0, presence_penalty=1.5)
     assert DEFAULTS[True] == dict(temperature=0.6, top_p=0.95, top_k=20, repetition_penalty=1.0, presence_penalty=0.0)

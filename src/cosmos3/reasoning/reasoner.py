@@ -8,6 +8,7 @@ ids and DeepStack injection are here.
 from __future__ import annotations
 
 import itertools
+import queue
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,7 @@ from cosmos3.reasoning.messages import (
     template_messages,
     video_sampling,
 )
+from cosmos3.reasoning.scheduler import END, Scheduler
 
 
 @dataclass
@@ -210,19 +212,7 @@ class Reasoner:
 
     def complete(self, conversations: list[list[dict]], params: Sampling, **encode_kwargs: Any) -> list[Reply]:
         """Decode replies to several conversations in one batch: `params.n` choices each, conversation-major."""
-        replies: dict[int, Reply] = {}
-        texts: dict[int, list[str]] = {}
-        for delta in self.deltas(conversations, params, **encode_kwargs):
-            texts.setdefault(delta.index, []).append(delta.text)
-            reply = replies.setdefault(delta.index, Reply("", 0, 0, "", [] if delta.logprobs is not None else None))
-            if delta.logprobs is not None:
-                reply.logprobs.extend(delta.logprobs)
-            if delta.finish_reason is not None:
-                reply.finish_reason = delta.finish_reason
-                reply.prompt_tokens, reply.completion_tokens = delta.prompt_tokens, delta.completion_tokens
-        for index, reply in replies.items():
-            reply.text = "".join(texts[index])
-        return [replies[i] for i in sorted(replies)]
+        return replies(self.deltas(conversations, params, **encode_kwargs))
 
     def stream(self, messages: list[dict], params: Sampling, **encode_kwargs: Any) -> Iterator[str]:
         """Yield the reply (the first choice) in pieces as it is decoded (a piece never splits a character)."""
@@ -236,6 +226,10 @@ class Reasoner:
         Unset sampling fields take the documents' settings, with reasoning when `reasoning=True` or when every
         conversation's last user turn asks for the <think> format. A choice's last delta has its finish_reason
         and token counts."""
+        return self.decode_batch(self.prepare(conversations, params, **encode_kwargs))
+
+    def prepare(self, conversations: list[list[dict]], params: Sampling, **encode_kwargs: Any) -> Decode:
+        """Settings resolved, prompts encoded (media through the vision tower), one row per choice."""
         reasoning = bool(encode_kwargs.get("reasoning")) or all(asks_for_reasoning(m) for m in conversations)
         params = params.resolved(reasoning).check()
         grammar = self.grammar(params.response_format)
@@ -246,10 +240,12 @@ class Reasoner:
             for i in range(params.n)
         ]
         choices = [Choice(self, params, len(p.input_ids)) for p in prompts for _ in range(params.n)]
-        stream = token_stream(
-            self.transformer, [p for p in prompts for _ in range(params.n)], params, self.eos_token_ids, rows
-        )
-        for tokens in stream:
+        return Decode(params, [p for p in prompts for _ in range(params.n)], rows, choices)
+
+    def decode_batch(self, decode: Decode) -> Iterator[Delta]:
+        """Every row of `decode` in one static batch (`token_stream`)."""
+        rows, choices = decode.rows, decode.choices
+        for tokens in token_stream(self.transformer, decode.prompts, decode.params, self.eos_token_ids, rows):
             for index, (row, choice, token) in enumerate(zip(rows, choices, tokens, strict=True)):
                 if choice.finished:
                     continue
@@ -260,12 +256,40 @@ class Reasoner:
                     if delta is not None:
                         yield Delta(index, *delta)
                 if row.done:
-                    yield Delta(index, *choice.finish(), row.finish_reason, choice.prompt_tokens, len(choice.ids))
+                    yield choice.last_delta(index, row.finish_reason)
         for index, (row, choice) in enumerate(zip(rows, choices, strict=True)):
             if not choice.finished:  # a decode cut short by its caller
-                yield Delta(
-                    index, *choice.finish(), row.finish_reason or "length", choice.prompt_tokens, len(choice.ids)
-                )
+                yield choice.last_delta(index, row.finish_reason or "length")
+
+    def decode_scheduled(self, decode: Decode, scheduler: Scheduler) -> Iterator[Delta]:
+        """Every row of `decode` as jobs of a continuous-batching `scheduler` (other requests join and leave the
+        same batch). Closing the iterator early cancels the rows still running."""
+        out: queue.Queue = queue.Queue()
+        jobs = [
+            scheduler.submit(prompt, decode.params, row, out, index)
+            for index, (prompt, row) in enumerate(zip(decode.prompts, decode.rows, strict=True))
+        ]
+        running = len(jobs)
+        try:
+            while running:
+                index, item = out.get()
+                row, choice = decode.rows[index], decode.choices[index]
+                if item is END:
+                    running -= 1
+                    if jobs[index].error is not None:
+                        raise jobs[index].error
+                    yield choice.last_delta(index, row.finish_reason or "length")
+                    continue
+                if choice.stopped:  # tokens decoded before the scheduler saw the stop string
+                    continue
+                delta = choice.push(item)
+                if choice.stopped:
+                    row.finish_reason = "stop"  # the scheduler gives the row back at its next step
+                if delta is not None:
+                    yield Delta(index, *delta)
+        finally:
+            for job in jobs:
+                job.cancel()
 
     # ------------------------------------------------------------------------------------ structured outputs
     @property
@@ -325,6 +349,33 @@ class Reasoner:
 
 
 @dataclass
+class Decode:
+    """A request ready to decode: its resolved settings and, per choice, a prompt, a row and a text builder."""
+
+    params: Sampling
+    prompts: list[Prompt]
+    rows: list[Row]
+    choices: list[Choice]
+
+
+def replies(deltas: Iterator[Delta]) -> list[Reply]:
+    """The replies the deltas of a decode add up to, in choice order."""
+    out: dict[int, Reply] = {}
+    texts: dict[int, list[str]] = {}
+    for delta in deltas:
+        texts.setdefault(delta.index, []).append(delta.text)
+        reply = out.setdefault(delta.index, Reply("", 0, 0, "", [] if delta.logprobs is not None else None))
+        if delta.logprobs is not None:
+            reply.logprobs.extend(delta.logprobs)
+        if delta.finish_reason is not None:
+            reply.finish_reason = delta.finish_reason
+            reply.prompt_tokens, reply.completion_tokens = delta.prompt_tokens, delta.completion_tokens
+    for index, reply in out.items():
+        reply.text = "".join(texts[index])
+    return [out[i] for i in sorted(out)]
+
+
+@dataclass
 class Delta:
     """A piece of one choice's reply: its text, the logprobs of the tokens that made it (OpenAI's
     `logprobs.content` entries, with logprobs), and on the choice's last delta its finish_reason and token counts."""
@@ -377,6 +428,9 @@ class Choice:
         piece, self.sent = self.text[self.sent : end], end
         logprobs, self.pending = self.pending, [] if self.pending is not None else None
         return piece, logprobs
+
+    def last_delta(self, index: int, finish_reason: str) -> Delta:
+        return Delta(index, *self.finish(), finish_reason, self.prompt_tokens, len(self.ids))
 
     def finish(self) -> tuple[str, list[dict] | None]:
         """The rest of the text (a trailing partial character too) and logprobs."""

@@ -27,6 +27,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from cosmos3.errors import RequestError
 from cosmos3.reasoning.decoding import MAX_N, MAX_TOP_LOGPROBS, Sampling
+from cosmos3.reasoning.reasoner import replies
+from cosmos3.reasoning.scheduler import Scheduler
 from cosmos3.server.errors import APIError
 from cosmos3.server.jobs import Worker
 from cosmos3.server.state import ServerState, state
@@ -118,11 +120,16 @@ class ChatCompletion(BaseModel):
 
 
 class Conversations:
-    """The Reasoner's thread pool; at most `max_pending` conversations run or wait for the engine (more: 429)."""
+    """The Reasoner's thread pool and its continuous-batching scheduler; at most `max_pending` conversations run or
+    wait for the engine (more: 429). A conversation's prompt is encoded holding the engine; its tokens then come from
+    the scheduler, which decodes every running conversation in one batch (each step holding the engine), admitting
+    new ones and retiring finished ones at every step."""
 
     def __init__(self, worker: Worker, max_pending: int):
         self.worker, self.max_pending, self.pending = worker, max_pending, 0
         self.pool = ThreadPoolExecutor(max_workers=max_pending, thread_name_prefix="cosmos3-chat")
+        self.scheduler: Scheduler | None = None
+        self._lock = threading.Lock()
 
     def admit(self) -> None:
         if self.pending >= self.max_pending:
@@ -132,10 +139,23 @@ class Conversations:
     def release(self) -> None:
         self.pending -= 1
 
+    def scheduler_for(self, reasoner) -> Scheduler:
+        with self._lock:
+            if self.scheduler is None or self.scheduler.model is not reasoner.transformer:
+                self.scheduler = Scheduler(
+                    reasoner.transformer, reasoner.eos_token_ids, slots=MAX_N, lock=self.worker.exclusive
+                )
+            return self.scheduler
+
+    def close(self) -> None:
+        if self.scheduler is not None:
+            self.scheduler.close()
+
     async def complete(self, reasoner, messages: list[dict], sampling: Sampling, encode: dict):
         def run():
             with self.worker.exclusive():
-                return reasoner.complete([messages], sampling, **encode)
+                decode = reasoner.prepare([messages], sampling, **encode)
+            return replies(reasoner.decode_scheduled(decode, self.scheduler_for(reasoner)))
 
         self.admit()
         try:
@@ -162,10 +182,15 @@ class Conversations:
                 with self.worker.exclusive():
                     if stop.is_set():  # the client went away while the engine was busy
                         return
-                    for delta in reasoner.deltas([messages], sampling, **encode):
-                        if stop.is_set():  # the client went away: give the engine back
+                    decode = reasoner.prepare([messages], sampling, **encode)
+                deltas = reasoner.decode_scheduled(decode, self.scheduler_for(reasoner))
+                try:
+                    for delta in deltas:
+                        if stop.is_set():  # the client went away: its rows leave the batch
                             break
                         put(("delta", delta))
+                finally:
+                    deltas.close()
                 put(("end", None))
             except Exception as exc:  # reported in the reply; the server keeps running
                 put(("error", exc))
