@@ -183,13 +183,13 @@ def _download(repo_id: str, revision: str | None, allow_patterns: list[str]) -> 
     except LocalEntryNotFoundError as exc:
         if offline:
             raise CheckpointError(
-                f"HF_HUB_OFFLINE is set and the hub cache {cache} does not hold {at} "
-                f"(or only part of it). Unset HF_HUB_OFFLINE to download it, or point HF_HOME at a cache that holds "
-                f"it. {elsewhere}"
+                f"HF_HUB_OFFLINE is set, so {at} cannot be downloaded here, and the hub cache {cache} does not "
+                f"hold it (or only part of it). Unset HF_HUB_OFFLINE to download it, or point HF_HOME at a cache "
+                f"that holds it. {elsewhere}"
             ) from exc
         raise CheckpointError(
-            f"{at} cannot be downloaded (the hub is unreachable: {exc.__class__.__name__}) and the hub cache {cache} "
-            f"does not hold it. {elsewhere}"
+            f"{at} cannot be downloaded here (the hub is unreachable: {exc.__class__.__name__}) and the hub cache "
+            f"{cache} does not hold it. {elsewhere}"
         ) from exc
     except HfHubHTTPError as exc:
         raise CheckpointError(f"downloading {at} failed: {exc}") from exc
