@@ -333,11 +333,11 @@ class Sampler:
         else:
             tokens = self.draw(logits / params.temperature)
         ids = tokens.tolist()
-        for b, tok in enumerate(ids):
-            if self.counts is not None:
-                self.counts[b, tok] += 1
-            if self.seen is not None:
-                self.seen[b, tok] = True
+        rows = torch.arange(len(ids), device=tokens.device)
+        if self.counts is not None:
+            self.counts[rows, tokens] += 1
+        if self.seen is not None:
+            self.seen[rows, tokens] = True
         if not params.logprobs:
             return [Token(tok) for tok in ids]
         logprobs = raw.float().log_softmax(dim=-1)
