@@ -73,7 +73,9 @@ def test_spec_formats_json_object_list_jsonl_and_upsampler_output(tmp_path):
     (job,) = _jobs(
         tmp_path, "v.json", json.dumps({"model_mode": "image2video", "vision_path": "a.jpg"}), "--image", "b.jpg"
     )
-    assert job.request.image == "b.jpg"
+    assert job.request.image == "b.jpg"  # a flag's path is the shell's, not made relative to the spec
+    (job,) = _jobs(tmp_path, "v.json", json.dumps({"model_mode": "image2video", "vision_path": "a.jpg"}))
+    assert job.request.image == str(tmp_path / "a.jpg")  # an entry's path is relative to its spec file
 
 
 def test_broken_json_spec_and_conflicting_flags_exit_2(tmp_path, capsys):

@@ -317,12 +317,12 @@ def jobs_from_args(args: argparse.Namespace) -> list[Job]:
             entry = {k: v for k, v in entry.items() if aliases.get(k) not in flags}
             if "image" in flags or "video" in flags:
                 entry.pop("vision_path", None)
-            entry = {**entry, **flags}
-            label = str(entry.get("name") or label)
-            for key in ("vision_path", "action_path", "action_stats"):
+            for key in ("vision_path", "action_path", "action_stats"):  # the entry's paths, not the flags'
                 value = entry.get(key)
                 if isinstance(value, str) and not Path(value).is_absolute() and "://" not in value:
                     entry[key] = str(spec_path.parent / value)
+            entry = {**entry, **flags}
+            label = str(entry.get("name") or label)
             req = GenerateRequest.from_dict(entry, "framework")
         except RequestError as exc:
             jobs.append(Job(label, Path(args.output_dir) / label, None, f"{exc}", "failed"))
