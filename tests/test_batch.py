@@ -90,3 +90,16 @@ def test_a_killed_actor_has_its_entry_run_elsewhere(local_ray, tmp_path):
     assert (summary.done, summary.failed) == (6, 0) and summary.retried >= 1
     rows = [json.loads(line) for line in (out / MANIFEST).read_text().splitlines()]
     assert sorted(r["name"] for r in rows) == [f"e{i}" for i in range(6)]
+
+
+def test_batch_command_reads_a_spec_and_reports(local_ray, tmp_path, capsys):
+    from cosmos3.cli import main
+
+    spec = tmp_path / "specs.jsonl"
+    lines = [json.dumps({"name": "a", "model_mode": "text2image", "prompt": "a cup", **SMALL}), "{not json"]
+    spec.write_text("\n".join(lines) + "\n")
+    code = main(["batch", str(spec), "--output-dir", str(tmp_path / "out"), "--model", "tiny", "--device", "cpu"])
+    assert code == 1  # the broken line failed alone
+    captured = capsys.readouterr()
+    assert "2 entries: 1 written" in captured.out and "failed sample_1" in captured.err
+    assert (tmp_path / "out" / "a" / "vision.jpg").is_file()

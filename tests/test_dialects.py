@@ -10,7 +10,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 import cosmos3
-from cosmos3.cli import build_parser, requests_from_args
+from cosmos3.cli import build_parser, jobs_from_args
 from cosmos3.generation.dialects import differences
 from cosmos3.generation.request import GenerateRequest
 from cosmos3.server.app import Settings, create_app
@@ -44,7 +44,7 @@ def test_framework_spec_through_every_front_end(engine, spec, tmp_path):
     gradient_image(96, 80, 1).save(tmp_path / "first.png")
     (tmp_path / "spec.json").write_text(json.dumps(spec))
     args = build_parser().parse_args(["generate", "--spec", str(tmp_path / "spec.json"), "--output-dir", "out"])
-    cli = engine.request(requests_from_args(args)[0][0])
+    cli = engine.request(jobs_from_args(args)[0].request)
 
     python = engine.request({**spec, "vision_path": str(tmp_path / "first.png")} if "vision_path" in spec else spec)
 

@@ -6,7 +6,6 @@ import argparse
 import json
 import os
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -117,10 +116,18 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--video", action="append", default=[])
     r.add_argument("--system")
     r.add_argument("--max-tokens", type=int, default=256)
-    r.add_argument("--temperature", type=float, default=0.0)
-    r.add_argument("--top-p", type=float, default=1.0)
-    r.add_argument("--top-k", type=int, default=0)
+    # Unset sampling knobs take the documents' settings (with or without --reasoning); 0 temperature is greedy.
+    r.add_argument("--temperature", type=float)
+    r.add_argument("--top-p", type=float)
+    r.add_argument("--top-k", type=int)
+    r.add_argument("--repetition-penalty", type=float)
+    r.add_argument("--presence-penalty", type=float)
+    r.add_argument("--frequency-penalty", type=float)
+    r.add_argument("--stop", action="append", help="a stop string (repeatable)")
+    r.add_argument("--n", type=int, help="choices to decode (printed one after another)")
     r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--json", action="store_true", help="constrain the reply to a JSON object")
+    r.add_argument("--json-schema", help="constrain the reply to this JSON schema (a file)")
     r.add_argument("--stream", action="store_true", help="print the reply as it is decoded")
     r.add_argument("--reasoning", action="store_true", help="ask for explicit reasoning and print it apart")
     u = sub.add_parser("upsample", help="short prompts -> structured JSON prompts (an OpenAI endpoint or --self)")
@@ -130,7 +137,12 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--image-url", help="image2video: the first frame (URL or path) for every prompt")
     u.add_argument("--image-list", help="image2video: a file with one image URL or path per prompt")
     u.add_argument("--endpoint-url", default=os.environ.get("PROMPT_UPSAMPLER_ENDPOINT_URL"))
-    u.add_argument("--model", default=os.environ.get("PROMPT_UPSAMPLER_MODEL"), help="the endpoint's model name")
+    u.add_argument(
+        "--model",
+        # Seed 000's name; PROMPT_UPSAMPLER_MODEL, this project's earlier name, still works.
+        default=os.environ.get("PROMPT_UPSAMPLER_MODEL_NAME") or os.environ.get("PROMPT_UPSAMPLER_MODEL"),
+        help="the endpoint's model name",
+    )
     u.add_argument("--api-token", default=os.environ.get("PROMPT_UPSAMPLER_API_TOKEN"))
     u.add_argument("--self", dest="use_self", action="store_true", help="use --checkpoint's own Reasoner")
     u.add_argument("--checkpoint", default="tiny", help="for --self, and its tokenizer counts prompt tokens")
@@ -139,11 +151,31 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--resolution", default="720", help="tier written into the prompt: 256, 480, 720")
     u.add_argument("--aspect-ratio", default="16,9")
     u.add_argument("--max-tokens", type=int, help="reply budget (default 20000, the documents' setting)")
+    u.add_argument("--max-field-chars", type=int, help="bound every text field of the structured prompt")
 
     s = sub.add_parser("serve", help="HTTP server: OpenAI / vLLM-Omni routes and the hosted /predict")
     add_model_args(s)
+    add_server_args(s, port=8000)
+    s.add_argument("--ui", action="store_true", help="also serve the playground at /ui")
+
+    ui = sub.add_parser("ui", help="the playground in the browser (with the HTTP API beside it)")
+    add_model_args(ui)
+    add_server_args(ui, port=7860)
+
+    b = sub.add_parser("batch", help="spec entries over GPUs and machines, on Ray; resumable")
+    add_model_args(b)
+    b.add_argument("spec", help="a JSON object or list, JSONL, or `cosmos3 upsample` output")
+    b.add_argument("--output-dir", required=True, help="<name>/vision.* per entry, and manifest.jsonl")
+    b.add_argument("--workers", type=int, default=1, help="engine actors (default 1)")
+    b.add_argument("--gpus-per-worker", type=int, help="GPUs per actor (default: the parallel layout's, 0 on CPU)")
+    b.add_argument("--address", help="a Ray cluster: auto or ray://host:port (default: a local Ray started here)")
+    b.add_argument("--retries", type=int, default=2, help="retries of an entry whose worker failed (default 2)")
+    return parser
+
+
+def add_server_args(s: argparse.ArgumentParser, port: int) -> None:
     s.add_argument("--host", default="127.0.0.1")
-    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--port", type=int, default=port)
     s.add_argument("--served-model-name", help="the model id clients send and /v1/models lists (default: --model)")
     s.add_argument(
         "--api-key", help="require 'Authorization: Bearer KEY' (or 'Api-Key KEY') on every route but /health"
@@ -165,7 +197,6 @@ def build_parser() -> argparse.ArgumentParser:
         default=4,
         help="queued text2image/text2video requests of one shape denoised together (1: never)",
     )
-    return parser
 
 
 FLAG_FIELDS = (
@@ -286,6 +317,37 @@ class Job:
         self.error, self.status = message, "failed"
 
 
+def spec_entries(spec_path: Path, flags: dict[str, Any]) -> list[tuple[str, dict[str, Any] | RequestError]]:
+    """(name, Framework entry) per entry of a spec file, or (name, the RequestError of an entry that cannot be
+    read). Upsampled prompts become entries; the entry's paths are relative to the spec file; `flags` override
+    every entry's fields, under either name (`--mode` replaces `model_mode`, `--image`/`--video` `vision_path`)."""
+    aliases = dialect("framework").aliases
+    out: list[tuple[str, dict[str, Any] | RequestError]] = []
+    for i, entry in enumerate(read_spec(spec_path)):
+        label = f"sample_{i}"
+        try:
+            if isinstance(entry, SpecLineError):
+                raise RequestError(
+                    "spec", f"line {entry.line}", "one JSON object per line", f"is not valid JSON ({entry.detail})"
+                )
+            if not isinstance(entry, dict):
+                raise RequestError(f"spec[{i}]", entry, "a JSON object")
+            if is_structured_prompt(entry):
+                entry = prompt_entry(entry)
+            entry = {k: v for k, v in entry.items() if aliases.get(k) not in flags}
+            if "image" in flags or "video" in flags:
+                entry.pop("vision_path", None)
+            for key in ("vision_path", "action_path", "action_stats"):  # the entry's paths, not the flags'
+                value = entry.get(key)
+                if isinstance(value, str) and not Path(value).is_absolute() and "://" not in value:
+                    entry[key] = str(spec_path.parent / value)
+            entry = {**entry, **flags}
+            out.append((str(entry.get("name") or label), entry))
+        except RequestError as exc:
+            out.append((label, exc))
+    return out
+
+
 def jobs_from_args(args: argparse.Namespace) -> list[Job]:
     """The jobs of a run: the flags' one request, or one per spec entry (flags given with --spec override every
     entry). A spec entry that cannot be read is a failed job; the flags' request raises."""
@@ -298,31 +360,11 @@ def jobs_from_args(args: argparse.Namespace) -> list[Job]:
         return [Job(str(output), output, req)]
     if args.output:
         raise RequestError("output", args.output, "unset with --spec (entries write <output-dir>/<name>/vision.*)")
-    spec_path = Path(args.spec)
-    aliases = dialect("framework").aliases
     jobs = []
-    for i, entry in enumerate(read_spec(spec_path)):
-        label = f"sample_{i}"
+    for label, entry in spec_entries(Path(args.spec), flags):
         try:
-            if isinstance(entry, SpecLineError):
-                raise RequestError(
-                    "spec", f"line {entry.line}", "one JSON object per line", f"is not valid JSON ({entry.detail})"
-                )
-            if not isinstance(entry, dict):
-                raise RequestError(f"spec[{i}]", entry, "a JSON object")
-            if is_structured_prompt(entry):
-                entry = prompt_entry(entry)
-            # A flag overrides the entry's field under either name (`--mode` replaces `model_mode`, `--image` and
-            # `--video` replace `vision_path`).
-            entry = {k: v for k, v in entry.items() if aliases.get(k) not in flags}
-            if "image" in flags or "video" in flags:
-                entry.pop("vision_path", None)
-            for key in ("vision_path", "action_path", "action_stats"):  # the entry's paths, not the flags'
-                value = entry.get(key)
-                if isinstance(value, str) and not Path(value).is_absolute() and "://" not in value:
-                    entry[key] = str(spec_path.parent / value)
-            entry = {**entry, **flags}
-            label = str(entry.get("name") or label)
+            if isinstance(entry, RequestError):
+                raise entry
             req = GenerateRequest.from_dict(entry, "framework")
         except RequestError as exc:
             jobs.append(Job(label, Path(args.output_dir) / label, None, f"{exc}", "failed"))
@@ -435,9 +477,7 @@ def _make(engine, job: Job, args: argparse.Namespace, write: Callable[[str], Non
             _check_free([job.output], ", with no sidecar, so it is not known to be this request's")
         elif sidecar.get("request_sha256") != key:
             _check_free(output_paths(job.output, resolved.mode), ", made for a different request")
-    start = time.perf_counter()
-    result = engine.generate(resolved)
-    result.record_origin(resolved, engine.path, time.perf_counter() - start)
+    result = engine.generate(resolved)  # the engine records what made the result, for its sidecar
     for path in result.save(job.output):
         write(f"wrote {path}")
     if args.spec:  # the Framework's record of an entry's arguments, beside its outputs
@@ -454,19 +494,26 @@ def cmd_reason(args: argparse.Namespace) -> int:
     content.append({"type": "text", "text": args.prompt})
     messages = [{"role": "system", "content": args.system}] if args.system else []
     messages.append({"role": "user", "content": content})
-    sampling = dict(
-        max_tokens=args.max_tokens,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        top_k=args.top_k,
-        seed=args.seed,
-        reasoning=args.reasoning,
-    )
+    knobs = ("temperature", "top_p", "top_k", "repetition_penalty", "presence_penalty", "frequency_penalty", "n")
+    sampling: dict[str, Any] = {k: getattr(args, k) for k in knobs if getattr(args, k) is not None}
+    sampling.update(max_tokens=args.max_tokens, seed=args.seed, reasoning=args.reasoning, stop=args.stop or [])
+    if args.json_schema:
+        try:
+            schema = json.loads(Path(args.json_schema).read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise RequestError("json_schema", args.json_schema, "a readable JSON schema file", f"({exc})") from exc
+        sampling["response_format"] = {"type": "json_schema", "json_schema": {"name": "reply", "schema": schema}}
+    elif args.json:
+        sampling["response_format"] = {"type": "json_object"}
     engine = load(args.model, **_engine_options(args, surfaces=args.surfaces or ["reasoner"]))
     if args.stream:
         for piece in engine.reason_stream(messages, **sampling):
             print(piece, end="", flush=True)
         print()
+        return 0
+    if sampling.get("n", 1) > 1:
+        for i, text in enumerate(engine.reason_choices(messages, **sampling)):
+            print(f"--- choice {i}\n{text}")
         return 0
     text = engine.reason(messages, **sampling)
     if args.reasoning:
@@ -519,7 +566,13 @@ def cmd_upsample(args: argparse.Namespace) -> int:
         tokenizer = AutoTokenizer.from_pretrained(
             path / "text_tokenizer" if (path / "text_tokenizer").is_dir() else path
         )
-    upsampler = Upsampler(args.mode, complete, resolution=str(args.resolution), aspect_ratio=args.aspect_ratio)
+    upsampler = Upsampler(
+        args.mode,
+        complete,
+        resolution=str(args.resolution),
+        aspect_ratio=args.aspect_ratio,
+        max_field_chars=args.max_field_chars,
+    )
     results = []
     for i, (prompt, image) in enumerate(zip(prompts, images, strict=True)):
         obj = upsampler.upsample(prompt, as_image_url(image) if image else None)
@@ -541,13 +594,11 @@ def cmd_upsample(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
-    from cosmos3.engine import load
+def _server_settings(args: argparse.Namespace):
     from cosmos3.server.limits import Limits
-    from cosmos3.server.serve import serve
     from cosmos3.server.settings import Settings
 
-    settings = Settings(
+    return Settings(
         model_name=args.served_model_name or args.model,
         api_key=args.api_key,
         max_queue=args.max_queue,
@@ -562,10 +613,66 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_batch=args.max_batch,
         limits=Limits(max_upload_bytes=args.max_upload_mb * 2**20),
     )
+
+
+def cmd_serve(args: argparse.Namespace, playground: str | None = None) -> int:
+    """The HTTP API; with the playground mounted at `playground` (`serve --ui`: /ui; `cosmos3 ui`: /)."""
+    from cosmos3.engine import load
+    from cosmos3.server.app import create_app
+    from cosmos3.server.serve import build_server
+
+    playground = playground or ("/ui" if getattr(args, "ui", False) else None)
+    if playground and args.api_key:  # a browser sends no bearer key: the page would answer 401 to its own users
+        raise RequestError("api_key", "<set>", "unset with the playground (put it behind your own login proxy)")
+    settings = _server_settings(args)
     engine = load(args.model, **_engine_options(args, guardrails=_guardrails(args)))
-    print(f"serving {args.model} on http://{args.host}:{args.port} (jobs: {settings.jobs_db})", flush=True)
-    serve(engine, settings, args.host, args.port)
+    app = create_app(engine, settings)
+    if playground:
+        from cosmos3.ui.app import mount
+
+        mount(app, playground)
+    where = f" (playground at http://{args.host}:{args.port}{playground})" if playground else ""
+    print(f"serving {args.model} on http://{args.host}:{args.port}{where} (jobs: {settings.jobs_db})", flush=True)
+    build_server(app, args.host, args.port).run()
     return 0
+
+
+def cmd_batch(args: argparse.Namespace) -> int:
+    try:
+        from cosmos3 import batch
+    except ImportError as exc:
+        raise RequestError("batch", "ray", "Ray installed: pip install 'cosmos3[batch]'", "is missing") from exc
+    entries, invalid = [], {}
+    for name, entry in spec_entries(Path(args.spec), {}):
+        if isinstance(entry, RequestError):
+            invalid[name] = str(entry)
+        else:
+            entries.append(batch.Entry(name, entry))
+    options = _engine_options(args, guardrails=_guardrails(args))
+    gpus = args.gpus_per_worker
+    if gpus is None:  # one actor per parallel layout, on GPUs when the driver sees any
+        import torch
+
+        layout = args.tensor_parallel_size * args.cfg_parallel_size * args.ulysses_degree
+        gpus = layout if (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda") else 0
+    summary = batch.run(
+        entries,
+        Path(args.output_dir),
+        args.model,
+        workers=args.workers,
+        gpus_per_worker=gpus,
+        address=args.address,
+        retries=args.retries,
+        options=options,
+    )
+    for name, error in {**invalid, **summary.errors}.items():
+        print(f"failed {name}: {error}", file=sys.stderr)
+    failed = summary.failed + len(invalid)
+    print(
+        f"{len(entries) + len(invalid)} entries: {summary.done} written, {summary.skipped} skipped (complete), "
+        f"{failed} failed; {summary.throughput:.1f} entries/min; manifest {Path(args.output_dir) / batch.MANIFEST}"
+    )
+    return 1 if failed else 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -577,6 +684,10 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_reason(args)
         if args.command == "serve":
             return cmd_serve(args)
+        if args.command == "ui":
+            return cmd_serve(args, playground="/")
+        if args.command == "batch":
+            return cmd_batch(args)
         if args.command == "upsample":
             return cmd_upsample(args)
     except RequestError as exc:

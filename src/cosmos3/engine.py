@@ -6,6 +6,7 @@ import contextlib
 import json
 import logging
 import threading
+import time
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -245,7 +246,13 @@ class Engine:
             return []
         with self._ranks_lock:
             on_all_ranks(self.groups, "_run", reqs)
-            return self.generator.run(reqs, on_steps or [None] * len(reqs), progress and self.groups.leader)
+            start = time.perf_counter()
+            outcomes = self.generator.run(reqs, on_steps or [None] * len(reqs), progress and self.groups.leader)
+        seconds = time.perf_counter() - start  # a batch's requests share its passes, so they share its time
+        for req, outcome in zip(reqs, outcomes, strict=True):
+            if isinstance(outcome, GenerationResult):  # what made it, for its sidecar and MP4 tags
+                outcome.record_origin(req, self.path, seconds)
+        return outcomes
 
     def close(self) -> None:
         """Release the other ranks of a parallel layout (also done at exit); the engine is unusable after."""
@@ -285,6 +292,11 @@ class Engine:
         stop, reasoning (append the explicit-reasoning instruction), video_fps / video_num_frames."""
         params, encode = self._split(kwargs)
         return self._complete([_as_messages(messages)], params, encode)[0].text
+
+    def reason_choices(self, messages: list[dict] | str, **kwargs: Any) -> list[str]:
+        """All `n` choices of a reply to one conversation (choice i sampled with seed + i)."""
+        params, encode = self._split(kwargs)
+        return [r.text for r in self._complete([_as_messages(messages)], params, encode)]
 
     def reason_batch(self, conversations: list[list[dict] | str], **kwargs: Any) -> list[str]:
         """Several conversations decoded together in one batch."""
