@@ -236,9 +236,10 @@ def test_step_cache_reaches_the_request(monkeypatch, tmp_path):
         def request(self, req):
             return req.resolved({}, (16, 4))
 
-        def generate(self, req):
+        def generate(self, req):  # like the Engine, it records what made the result
             seen.append(req)
-            return GenerationResult(video=np.zeros((1, 16, 16, 3), np.uint8), fps=24.0, latents=torch.zeros(1))
+            result = GenerationResult(video=np.zeros((1, 16, 16, 3), np.uint8), fps=24.0, latents=torch.zeros(1))
+            return result.record_origin(req, self.path)
 
     monkeypatch.setattr(cosmos3.engine, "load", lambda model, **kwargs: Engine())
     out = tmp_path / "a.jpg"

@@ -15,7 +15,7 @@ from PIL import Image
 import cosmos3.engine
 from cosmos3.cli import build_parser, jobs_from_args, main
 from cosmos3.generation.request import GenerateRequest
-from cosmos3.generation.result import SIDECAR_FORMAT, request_json, request_key
+from cosmos3.generation.result import SIDECAR_FORMAT, GenerationResult, request_json, request_key
 
 SMALL = {"height": 64, "width": 96, "num_frames": 5, "num_steps": 1}
 
@@ -192,8 +192,12 @@ def test_python_save_writes_the_sidecar_with_what_it_knows(tmp_path):
     req = engine.request(mode="text2image", prompt="a cup", height=64, width=96, num_steps=1, seed=3)
     result = engine.generate(req, progress=False)
     assert result.save(tmp_path / "a.png")[-1] == tmp_path / "a.png.json"
-    bare = json.loads((tmp_path / "a.png.json").read_text())
-    assert bare["request"] is None and bare["seed"] == 3  # nobody recorded the request: the sidecar says so
+    recorded = json.loads((tmp_path / "a.png.json").read_text())  # the engine recorded what made it
+    assert recorded["request"] == request_json(req) and recorded["seed"] == 3
+    assert recorded["timings"]["generate_s"] > 0
+    bare = GenerationResult(video=result.video, fps=result.fps, latents=result.latents, metadata={"seed": 3})
+    bare.save(tmp_path / "bare.png")
+    assert json.loads((tmp_path / "bare.png.json").read_text())["request"] is None  # nobody recorded it: it says so
     result.record_origin(req, engine.path, 1.25)
     result.save(tmp_path / "b.png")
     full = json.loads((tmp_path / "b.png.json").read_text())
