@@ -17,6 +17,7 @@ import json
 import threading
 import time
 import uuid
+from collections.abc import Awaitable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from typing import Any, Literal
@@ -163,10 +164,14 @@ class Conversations:
         finally:
             self.release()
 
-    async def stream(self, request: Request, reasoner, messages: list[dict], sampling: Sampling, encode: dict):
-        """Start decoding in the pool; returns (first item, queue of the rest, stop event). An input error is the
-        first item, before any byte of the reply is sent, so that it can still be a 400. A client that goes away
-        while the conversation waits for the engine ends it (the first item is then None)."""
+    async def stream(
+        self, reasoner, messages: list[dict], sampling: Sampling, encode: dict, gone: Awaitable | None = None
+    ):
+        """Start decoding in the pool; returns (first item, queue of the rest, stop event). Items are ("delta",
+        Delta), ("end", None) or ("error", exception). An input error is the first item, before any byte of the
+        reply is sent, so that it can still be a 400. If `gone` (a client's disconnect) completes while the
+        conversation waits for the engine, it ends (the first item is then None). The HTTP route and the
+        playground both stream through here."""
         loop = asyncio.get_running_loop()
         pieces: asyncio.Queue = asyncio.Queue()
         stop = threading.Event()
@@ -200,9 +205,10 @@ class Conversations:
         self.admit()
         loop.run_in_executor(self.pool, run)
         first = asyncio.ensure_future(pieces.get())
-        gone = asyncio.ensure_future(disconnected(request))
-        await asyncio.wait({first, gone}, return_when=asyncio.FIRST_COMPLETED)
-        gone.cancel()
+        left = asyncio.ensure_future(gone) if gone is not None else None
+        await asyncio.wait({first} | ({left} if left else set()), return_when=asyncio.FIRST_COMPLETED)
+        if left is not None:
+            left.cancel()
         if not first.done():
             first.cancel()
             stop.set()
@@ -310,7 +316,9 @@ async def chat_completions(body: ChatRequest, request: Request):
             ),
         )
 
-    first, pieces, stop = await conversations.stream(request, reasoner, body.messages, sampling, encode)
+    first, pieces, stop = await conversations.stream(
+        reasoner, body.messages, sampling, encode, gone=disconnected(request)
+    )
     if first is None:
         raise APIError(499, "the client closed the request")
     if first[0] == "error":

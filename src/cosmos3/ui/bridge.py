@@ -8,9 +8,7 @@ it holds the engine."""
 
 from __future__ import annotations
 
-import asyncio
 import base64
-import dataclasses
 import json
 import mimetypes
 import shutil
@@ -132,10 +130,9 @@ def user_message(text: str, files: list[str]) -> dict[str, Any]:
 async def stream_reply(
     server: ServerState, conversations: chat.Conversations, messages: list[dict], options: dict[str, Any]
 ) -> AsyncIterator[str]:
-    """The engine's `reason_stream` for one conversation, as the chat route runs it: checked by the route's
-    `check` (limits, sampling), admitted by its `Conversations` (a full house is an error), decoded in its thread
-    pool while holding the engine (`Worker.exclusive()`), pieces handed to the event loop. Closing the iterator
-    (the user pressed stop or left) gives the engine back at the next piece."""
+    """One conversation's reply, through the chat route's own path: checked by its `check` (limits, sampling),
+    admitted and decoded by its `Conversations` (the continuously batched scheduler), the first choice's pieces
+    yielded as they come. Closing the iterator (the user pressed stop or left) takes it out of the batch."""
     reasoning = bool(options.pop("reasoning", False))
     try:
         body = chat.ChatRequest(messages=messages, stream=True, **options)
@@ -146,49 +143,17 @@ async def stream_reply(
         raise UIError(str(exc)) from exc
     if reasoning:
         encode["reasoning"] = True
-    engine = server.engine
-    kwargs = {**dataclasses.asdict(sampling), **encode}
     try:
-        conversations.admit()
-    except APIError as exc:
+        first, pieces, stop = await conversations.stream(server.engine.reasoner, messages, sampling, encode)
+    except APIError as exc:  # a full house
         raise UIError(exc.message) from exc
-    loop = asyncio.get_running_loop()
-    pieces: asyncio.Queue = asyncio.Queue()
-    stop = threading.Event()
-
-    def put(item: tuple[str, Any]) -> None:
-        try:
-            loop.call_soon_threadsafe(pieces.put_nowait, item)
-        except RuntimeError:  # the loop is gone (shutdown)
-            stop.set()
-
-    def run() -> None:
-        try:
-            with server.worker.exclusive():
-                if stop.is_set():  # the user left while the engine was busy
-                    return
-                for piece in engine.reason_stream(messages, **kwargs):
-                    if stop.is_set():
-                        break
-                    put(("piece", piece))
-            put(("end", None))
-        except Exception as exc:  # shown to the user; the server keeps running
-            put(("error", exc))
-        finally:
-            try:
-                loop.call_soon_threadsafe(conversations.release)
-            except RuntimeError:
-                pass
-
-    loop.run_in_executor(conversations.pool, run)
     try:
-        while True:
-            kind, value = await pieces.get()
-            if kind == "piece":
-                yield value
-            elif kind == "end":
-                return
-            else:
+        kind, value = first
+        while kind != "end":
+            if kind == "error":
                 raise UIError(f"{type(value).__name__}: {value}")
-    finally:
+            if value.index == 0 and value.text:
+                yield value.text
+            kind, value = await pieces.get()
+    finally:  # the user pressed stop or left: the conversation's rows leave the batch
         stop.set()
