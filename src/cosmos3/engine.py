@@ -76,6 +76,11 @@ class Engine:
         self._ranks_lock = threading.Lock() if groups.distributed else contextlib.nullcontext()
         if not groups.leader:  # rank 0 checks prompts and outputs for every rank
             guardrails = False
+        # Not combined yet: FP8 and compile replace or trace the very modules that TP and offload rewire.
+        if fp8 and (groups.tp is not None or layerwise_offload):
+            raise RequestError("fp8", True, "false with tensor_parallel_size > 1 or layerwise_offload")
+        if compile and layerwise_offload:
+            raise RequestError("compile", True, "false with layerwise_offload")
 
         self.path = path
         self.device = torch.device(device)
@@ -106,8 +111,6 @@ class Engine:
         if layerwise_offload:
             offload_layers(self.transformer, self.device)
             vision_weights = {k: v.to(self.device) for k, v in vision_weights.items()}
-        if fp8 and groups.tp is not None:
-            raise RequestError("fp8", True, "false with tensor_parallel_size > 1 (not combined yet)")
         if fp8 and "generator" in self.surfaces:  # opt-in: changes results beyond bf16 noise
             from cosmos3.model.fp8 import use_fp8_generation_linears
 
