@@ -23,13 +23,14 @@ REQUESTS = {
     "policy": dict(mode="policy", domain_name="pusht", action_chunk_size=4, image=gradient_image(96, 96, 2)),
 }
 COMMON = dict(prompt="a robot arm", num_steps=2, guidance=3.0, seed=5, progress=False)
-LAYOUTS = {  # (cfg, ulysses, tp)
-    "cfg2": (2, 1, 1),
-    "ulysses2": (1, 2, 1),
-    "ulysses4-padded": (1, 4, 1),
-    "tp2": (1, 1, 2),
-    "tp2-cfg2": (2, 1, 2),
-    "ulysses2-cfg2": (2, 2, 1),
+LAYOUTS = {  # (cfg, ulysses, tp, layerwise offload)
+    "cfg2": (2, 1, 1, False),
+    "ulysses2": (1, 2, 1, False),
+    "ulysses4-padded": (1, 4, 1, False),
+    "tp2": (1, 1, 2, False),
+    "tp2-cfg2": (2, 1, 2, False),
+    "ulysses2-cfg2": (2, 2, 1, False),
+    "tp2-offload": (1, 1, 2, True),  # seed 001's Super example: TP with layerwise offload
 }
 CHAT = [{"role": "user", "content": "Describe a kitchen."}]
 
@@ -45,10 +46,9 @@ def single():
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
 def test_layout_matches_single_process(single, layout):
     latents, tokens = single
-    cfg, ulysses, tp = LAYOUTS[layout]
-    with cosmos3.load(
-        "tiny", device="cpu", cfg_parallel_size=cfg, ulysses_degree=ulysses, tensor_parallel_size=tp
-    ) as e:
+    cfg, ulysses, tp, offload = LAYOUTS[layout]
+    layout_args = dict(cfg_parallel_size=cfg, ulysses_degree=ulysses, tensor_parallel_size=tp)
+    with cosmos3.load("tiny", device="cpu", layerwise_offload=offload, **layout_args) as e:
         assert e.groups.layout.world_size == cfg * ulysses * tp and e.groups.leader
         for name, fields in REQUESTS.items():
             ours = e.generate(**COMMON, **fields).latents
