@@ -40,7 +40,9 @@ def check_devices(layout: Layout, device: torch.device) -> None:
     if device.type != "cuda":
         return
     found = torch.cuda.device_count()
-    if layout.world_size > found:
+    # Under torchrun the ranks may span nodes: each node needs GPUs for its own processes only.
+    here = int(os.environ.get("LOCAL_WORLD_SIZE", layout.world_size)) if under_torchrun() else layout.world_size
+    if here > found:
         raise RequestError(
             "tensor_parallel_size x cfg_parallel_size x ulysses_degree",
             f"{layout.tensor_parallel_size} x {layout.cfg_parallel_size} x {layout.ulysses_degree} = "
