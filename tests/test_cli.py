@@ -190,8 +190,15 @@ def _recording_load(calls: list):
     return load
 
 
-SWITCHES = ["--fp8", "--compile", "--vae-tiling", "--surfaces", "generator,reasoner", "--revision", "v2"]
-SWITCHED = {"fp8": True, "compile": True, "vae_tiling": True, "surfaces": ["generator", "reasoner"], "revision": "v2"}
+SWITCHES = ["--fp8", "--compile", "--fast", "--vae-tiling", "--surfaces", "generator,reasoner", "--revision", "v2"]
+SWITCHED = {
+    "fp8": True,
+    "compile": True,
+    "fast": True,
+    "vae_tiling": True,
+    "surfaces": ["generator", "reasoner"],
+    "revision": "v2",
+}
 
 
 @pytest.mark.parametrize(
@@ -217,7 +224,8 @@ def test_model_switches_reach_the_engine(monkeypatch, tmp_path, command):
     assert main([*command, "--model", "some/model"]) == 1
     assert {k: calls[0][k] for k in SWITCHED} == {
         "fp8": False,
-        "compile": False,
+        "compile": "auto",
+        "fast": False,
         "vae_tiling": False,
         "surfaces": ["reasoner"] if command[0] == "reason" else None,  # reason loads only the Reasoner by default
         "revision": None,

@@ -51,6 +51,16 @@ SURFACES = ("generator", "reasoner")
 # Smaller defaults for the tiny model so that every command finishes on a CPU in seconds.
 TINY_DEFAULTS = {"resolution": "256", "num_frames": 17, "num_steps": 8}
 
+COMPILE_CHOICES = (True, False, "auto")
+# compile="auto" compiles a pass only from this many generation rows (both branches): a 480p video has 2 x 18,720.
+# Measured on an H200 (benchmarks/profile_step.py): compiling takes ~9 s cold and ~2 s with a warm Inductor cache, and
+# saves 0.37 s of a 1.91 s 480p guided step (13 s over 35 steps); a 256p step (2 x 2,880 rows, 0.2 s) or a 720p
+# image (2 x 920) saves under 2 s a request, less than a cold compile.
+AUTO_COMPILE_ROWS = 8192
+# fast=True: the step cache's threshold for requests that set none; 0.05 computes 17 of 35 steps with the latents
+# 5% from the exact path (benchmarks/README.md, "Step caching").
+FAST_STEP_CACHE = 0.05
+
 
 class Engine:
     """A loaded checkpoint. One copy of the weights serves the Generator and the Reasoner."""
@@ -62,11 +72,12 @@ class Engine:
         dtype: str | torch.dtype = "float32",
         surfaces: tuple[str, ...] | list[str] = SURFACES,
         fp8: bool = False,
-        compile: bool = False,
+        compile: bool | str = "auto",
         guardrails: bool | Guardrail | None = None,
         vae_tiling: bool = False,
         layerwise_offload: bool = False,
         groups: Groups = SINGLE,
+        fast: bool = False,
     ):
         from transformers import AutoTokenizer
 
@@ -76,10 +87,16 @@ class Engine:
         self._ranks_lock = threading.Lock() if groups.distributed else contextlib.nullcontext()
         if not groups.leader:  # rank 0 checks prompts and outputs for every rank
             guardrails = False
+        if compile not in COMPILE_CHOICES or not isinstance(compile, bool | str):
+            raise RequestError("compile", compile, "true, false or 'auto'")
+        if fast:  # every speed option that changes results beyond bf16 noise, together (README: Speed)
+            if groups.tp is not None or layerwise_offload:
+                raise RequestError("fast", True, "false with tensor_parallel_size > 1 or layerwise_offload (FP8)")
+            fp8, compile = True, True
         # Not combined yet: FP8 and compile replace or trace the very modules that TP and offload rewire.
         if fp8 and (groups.tp is not None or layerwise_offload):
             raise RequestError("fp8", True, "false with tensor_parallel_size > 1 or layerwise_offload")
-        if compile and layerwise_offload:
+        if compile is True and layerwise_offload:
             raise RequestError("compile", True, "false with layerwise_offload")
 
         self.path = path
@@ -115,8 +132,10 @@ class Engine:
             from cosmos3.model.fp8 import use_fp8_generation_linears
 
             use_fp8_generation_linears(self.transformer)
-        if compile:
+        if compile is True:
             self.transformer.compile_generation_layers()
+        elif compile == "auto" and self.device.type == "cuda" and not groups.distributed and not layerwise_offload:
+            self.transformer.compile_generation_layers(min_rows=AUTO_COMPILE_ROWS)
         if (path / "vision_encoder").is_dir():
             vision_weights.update(read_tensors(weight_files(path / "vision_encoder"), self.device, self.dtype))
         self.vision_weights = vision_weights
@@ -132,6 +151,8 @@ class Engine:
         if "reasoner" in self.surfaces:
             self.reasoner = self._load_reasoner(path, tokenizer, root_config)
         self.defaults = dict(TINY_DEFAULTS) if path.name.startswith("tiny-v") else {}
+        if fast:
+            self.defaults["step_cache"] = FAST_STEP_CACHE
 
     def _load_generation_parts(self, path: Path, tokenizer) -> Parts:
         from diffusers import AutoencoderKLWan
@@ -345,9 +366,10 @@ def load(
     dtype: str | torch.dtype | None = None,
     surfaces: tuple[str, ...] | list[str] | None = None,
     fp8: bool = False,
-    compile: bool = False,
+    compile: bool | str = "auto",
     guardrails: bool | Guardrail | None = None,
     vae_tiling: bool = False,
+    fast: bool = False,
     tensor_parallel_size: int = 1,
     cfg_parallel_size: int = 1,
     ulysses_degree: int = 1,
@@ -363,9 +385,11 @@ def load(
 
     `device`/`dtype`: CUDA and bfloat16 when a GPU is present, else the CPU and float32.
     `surfaces=["reasoner"]` skips the generation pathway, VAE and audio codec (about half the memory).
-    Opt-in speed options (see benchmarks/README.md for their effect on speed and output): `fp8=True` runs the
-    generation pathway's matmuls in FP8 (Hopper), `compile=True` torch.compiles the generation layer,
-    `vae_tiling=True` decodes the video in tiles to bound memory.
+    `compile="auto"` (the default) torch.compiles the generation layer on a single GPU for passes of at least
+    `AUTO_COMPILE_ROWS` generation rows (480p video and up, where it pays back its compile time); True compiles
+    every pass, False none. Opt-in speed options (see benchmarks/README.md for their effect on speed and output):
+    `fp8=True` runs the generation pathway's matmuls in FP8 (Hopper), `fast=True` is FP8 + compile + the step cache
+    (`step_cache=0.05` for requests that set none), `vae_tiling=True` decodes the video in tiles to bound memory.
     Beyond one GPU (seed 001; the world size is the product of the three degrees): `tensor_parallel_size` splits
     every layer's heads and MLP over GPUs, `cfg_parallel_size=2` runs the two guidance branches on two GPUs,
     `ulysses_degree` splits the generated tokens over GPUs. This process becomes rank 0 and starts the other
@@ -391,6 +415,7 @@ def load(
         compile=compile,
         vae_tiling=vae_tiling,
         layerwise_offload=layerwise_offload,
+        fast=fast,
     )
     groups = SINGLE
     if layout.world_size > 1:

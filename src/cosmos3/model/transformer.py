@@ -107,12 +107,23 @@ class Cosmos3Transformer(nn.Module):
             self.action_proj_out = DomainLinear(cfg.hidden_size, cfg.action_dim, cfg.num_embodiment_domains)
             self.action_modality_embed = nn.Parameter(torch.zeros(cfg.hidden_size))
 
-    compiled_gen_layer = None  # set by `compile_generation_layers`
+    # The generation layer's two elementwise-heavy regions (before and after attention), torch.compiled by
+    # `compile_generation_layers`; plain functions otherwise.
+    gen_in = None
+    gen_out = None
+    compile_min_rows = 0  # passes with fewer generation rows run the plain functions
 
-    def compile_generation_layers(self) -> None:
-        """torch.compile the generation layer (fuses norms, rotary and residual adds); opt-in, as each new
-        request shape compiles again (tens of seconds)."""
-        self.compiled_gen_layer = torch.compile(type(self).gen_layer, dynamic=False)
+    def compile_generation_layers(self, min_rows: int = 0, backend: str = "inductor") -> None:
+        """torch.compile the generation layer's regions around attention (fuses norms, rotary, residual adds and the
+        SwiGLU product into the matrix products' neighbours; benchmarks/README.md). Attention stays outside, so the
+        compiled shapes depend only on the number of generation rows, never on the prompt's length: a new
+        resolution or frame count compiles once per process (seconds with a warm Inductor cache), a new prompt does
+        not compile at all. Passes of fewer than `min_rows` rows (all branches) run uncompiled."""
+        # One specialisation per (rows, branches) shape: a server meets more than dynamo's default 8.
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+        self.compile_min_rows = min_rows
+        self.gen_in = torch.compile(gen_in, dynamic=False, backend=backend)
+        self.gen_out = torch.compile(gen_out, dynamic=False, backend=backend)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -315,16 +326,15 @@ class Cosmos3Transformer(nn.Module):
             x = sp.rows(x.unflatten(0, (branches, tokens))).flatten(0, 1)
             cos, sin = sp.rows(cos), sp.rows(sin)
         cos, sin = cos.flatten(0, 1), sin.flatten(0, 1)
-        gen_layer = self.compiled_gen_layer or self.gen_layer
         for i, layer in enumerate(self.layers):
-            x = gen_layer(layer, x, cos, sin, [c[i] for c in caches], rows_per_chunk, sp)
+            x = self.gen_layer(layer, x, cos, sin, [c[i] for c in caches], rows_per_chunk, sp)
         x = self.norm_moe_gen(x)
         if sp is not None:
             x = sp.gather(x.unflatten(0, (branches, sp.chunk))).flatten(0, 1)
         return [self.decode_generation_tokens(p, x[b * tokens : (b + 1) * tokens]) for b, p in enumerate(packs)]
 
-    @staticmethod
     def gen_layer(
+        self,
         layer: MoTDecoderLayer,
         x: torch.Tensor,
         cos: torch.Tensor,
@@ -336,29 +346,22 @@ class Cosmos3Transformer(nn.Module):
         """One decoder layer on the generation rows of every branch (`x` = branches stacked along rows); branch b
         attends to its prompt's keys and values `und_kv[b]` followed by its own. With sequence parallelism (`sp`)
         the rows are this rank's chunk of each branch, and attention runs on all rows of this rank's heads."""
-        attn = layer.self_attn
         branches = len(und_kv)
-        q, k, v = attn.gen_qkv(layer.input_layernorm_moe_gen(x))
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        compiled = self.gen_in is not None and x.shape[0] >= self.compile_min_rows
+        q, k, v = (self.gen_in if compiled else gen_in)(layer, x, cos, sin)
         q, k, v = (t.unflatten(0, (branches, -1)) for t in (q, k, v))
         if sp is not None:
             q, k, v = sp.to_heads(q), sp.to_heads(sp.kv_heads(k)), sp.to_heads(sp.kv_heads(v))
             k, v = k[:, : sp.tokens], v[:, : sp.tokens]  # the padding rows are never attended to
             und_kv = [(sp.own_kv_heads(k_und), sp.own_kv_heads(v_und)) for k_und, v_und in und_kv]
-        out = torch.stack(
-            [
-                attention(q[b], torch.cat([k_und, k[b]]), torch.cat([v_und, v[b]]))
-                for b, (k_und, v_und) in enumerate(und_kv)
-            ]
-        )
+        attended = [
+            attention(q[b], torch.cat([k_und, k[b]]), torch.cat([v_und, v[b]]))
+            for b, (k_und, v_und) in enumerate(und_kv)
+        ]
+        out = attended[0][None] if branches == 1 else torch.stack(attended)  # one branch: no copy
         if sp is not None:
             out = sp.to_rows(out)
-        x = x + attn.to_add_out(out.flatten(0, 1))
-
-        def mlp(rows: torch.Tensor) -> torch.Tensor:
-            return rows + layer.mlp_moe_gen(layer.post_attention_layernorm_moe_gen(rows))
-
-        return mlp(x) if x.shape[0] <= rows_per_chunk else torch.cat([mlp(c) for c in x.split(rows_per_chunk)])
+        return (self.gen_out if compiled else gen_out)(layer, x, out.flatten(0, 1), rows_per_chunk)
 
     def decode_generation_tokens(self, packed: Packed, rows: torch.Tensor):
         """One branch's final generation rows -> velocities of its vision, sound and action latents."""
@@ -382,3 +385,22 @@ class Cosmos3Transformer(nn.Module):
                 rows = rows[offset : offset + packed.action_len][noisy]
                 v_action[noisy] = self.action_proj_out(rows, packed.action_domain)
         return v_vision, v_sound, v_action
+
+
+def gen_in(
+    layer: MoTDecoderLayer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A generation layer up to attention: pre-norm, q/k/v, per-head norms, rotary. `[N, H]` -> `[N, heads, hd]`."""
+    q, k, v = layer.self_attn.gen_qkv(layer.input_layernorm_moe_gen(x))
+    return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+
+def gen_out(layer: MoTDecoderLayer, x: torch.Tensor, attended: torch.Tensor, rows_per_chunk: int) -> torch.Tensor:
+    """A generation layer after attention: output projection and residual, then the MLP block (in chunks of
+    `rows_per_chunk` rows, which bounds its activation memory)."""
+    x = x + layer.self_attn.to_add_out(attended)
+
+    def mlp(rows: torch.Tensor) -> torch.Tensor:
+        return rows + layer.mlp_moe_gen(layer.post_attention_layernorm_moe_gen(rows))
+
+    return mlp(x) if x.shape[0] <= rows_per_chunk else torch.cat([mlp(c) for c in x.split(rows_per_chunk)])

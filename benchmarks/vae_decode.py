@@ -1,0 +1,68 @@
+"""VAE decode of a clip under the settings that change its speed: cuDNN autotuning (`cudnn.benchmark`), channels-last
+3D memory, and torch.compile of the decoder's blocks. Seconds, peak memory and the difference from the default.
+
+    python benchmarks/vae_decode.py --size 720p
+    python benchmarks/vae_decode.py --preset tiny --size tiny-smoke     # CPU smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+
+import torch
+from common import SIZES, default_device, gpu_name, latent_shape, print_table, timed, wan22_vae
+
+from cosmos3.config import preset
+
+
+@contextlib.contextmanager
+def cudnn_benchmark(on: bool):
+    before = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = on
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = before
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--preset", default="nano", help="the VAE's latent channels; tiny: a tiny VAE")
+    parser.add_argument("--size", default="720p", choices=sorted(SIZES))
+    parser.add_argument("--repeat", type=int, default=1)
+    args = parser.parse_args()
+    device = default_device()
+    channels = preset(args.preset).latent_channel
+    vae = wan22_vae(device, channels, full=args.preset != "tiny")
+    gen = torch.Generator(device).manual_seed(0)
+    latents = torch.randn(1, channels, *latent_shape(args.size), device=device, dtype=torch.bfloat16, generator=gen)
+    variants = {
+        "default": dict(bench=False, channels_last=False),
+        "cudnn.benchmark": dict(bench=True, channels_last=False),
+        "channels_last_3d": dict(bench=False, channels_last=True),
+        "cudnn.benchmark + channels_last_3d": dict(bench=True, channels_last=True),
+    }
+    rows, reference = [], None
+    with torch.inference_mode():
+        for name, v in variants.items():
+            fmt = torch.channels_last_3d if v["channels_last"] else torch.contiguous_format
+            for p in vae.parameters():  # only the 5-D conv weights have a channels-last layout
+                if p.dim() == 5:
+                    p.data = p.data.contiguous(memory_format=fmt)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            with cudnn_benchmark(v["bench"]):
+                seconds, peak, out = timed(lambda: vae.decode(latents).sample.float(), repeat=args.repeat)
+            out = out.cpu()
+            reference = out if reference is None else reference
+            err = ((out - reference).norm() / reference.norm()).item()
+            rows.append([name, f"{seconds:.2f}", f"{peak:.1f}", f"{err:.2g}"])
+            print(rows[-1], flush=True)
+    frames, height, width = SIZES[args.size]
+    print(f"{gpu_name(device)}, torch {torch.__version__}: {args.size} ({width}x{height}) x {frames} frames decode")
+    print_table(["VAE decode", "seconds", "peak GiB", "rel. diff vs default"], rows)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,100 @@
+"""The compiled generation layer: the regions around attention are traced once per number of generation rows (a new
+prompt length compiles nothing), passes under `min_rows` stay uncompiled, and the results equal the plain path.
+
+Dynamo traces with a counting backend that runs the traced graph as it is (no Inductor: no C++ compiler needed), so
+these tests check what is compiled and when, not Inductor's kernels (benchmarks/profile_step.py measures those)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import cosmos3
+from cosmos3.config import preset
+from cosmos3.errors import RequestError
+from cosmos3.model.sequence import pack
+from cosmos3.model.transformer import Cosmos3Transformer
+from cosmos3.reference import randomize
+
+
+class CountingBackend:
+    """A torch.compile backend that counts the graphs it is given and runs them uncompiled."""
+
+    def __init__(self):
+        self.graphs = 0
+
+    def __call__(self, gm: torch.fx.GraphModule, example_inputs):
+        self.graphs += 1
+        return gm.forward
+
+
+def _model() -> Cosmos3Transformer:
+    model = Cosmos3Transformer(preset("tiny")).eval()
+    randomize(model, seed=0)
+    return model
+
+
+def _packs(cfg, prompt_lengths: tuple[int, ...], shape=(3, 4, 6), seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    ids = lambda n: torch.randint(0, cfg.vocab_size, (n,), generator=gen).tolist()
+    packs = [pack(cfg, ids(n), shape, [], fps=24.0, vae_temporal_compression=4) for n in prompt_lengths]
+    return packs, torch.randn(cfg.latent_channel, *shape, generator=gen)
+
+
+def _step(model, packs, vision):
+    with torch.no_grad():
+        caches = [model.und_cache(p) for p in packs]
+        return model.forward_gen(packs, caches, vision, 500.0)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def test_compiled_regions_equal_plain_and_ignore_prompt_length():
+    plain, compiled = _model(), _model()
+    backend = CountingBackend()
+    compiled.compile_generation_layers(backend=backend)
+    packs, vision = _packs(plain.config, (13, 6))
+    for got, expected in zip(_step(compiled, packs, vision), _step(plain, packs, vision), strict=True):
+        torch.testing.assert_close(got[0], expected[0], atol=1e-6, rtol=0)
+    first = backend.graphs
+    assert first >= 2  # both regions were traced
+    # Other prompt lengths (the attention's key length) reuse the traced regions: nothing new is compiled.
+    packs, vision = _packs(plain.config, (21, 3), seed=1)
+    for got, expected in zip(_step(compiled, packs, vision), _step(plain, packs, vision), strict=True):
+        torch.testing.assert_close(got[0], expected[0], atol=1e-6, rtol=0)
+    assert backend.graphs == first
+    # Another number of generation rows (a new size) is a new specialisation.
+    packs, vision = _packs(plain.config, (13, 6), shape=(2, 4, 6))
+    _step(compiled, packs, vision)
+    assert backend.graphs > first
+
+
+def test_passes_below_min_rows_stay_uncompiled():
+    model = _model()
+    backend = CountingBackend()
+    packs, vision = _packs(model.config, (9, 5))
+    rows = sum(p.seq_len - p.und_len for p in packs)
+    model.compile_generation_layers(min_rows=rows + 1, backend=backend)
+    _step(model, packs, vision)
+    assert backend.graphs == 0
+    model.compile_generation_layers(min_rows=rows, backend=backend)
+    _step(model, packs, vision)
+    assert backend.graphs >= 2
+
+
+def test_engine_compile_and_fast_options_are_checked():
+    with pytest.raises(RequestError, match="compile"):
+        cosmos3.load("tiny", compile="sometimes")
+    with pytest.raises(RequestError, match="fast"):
+        cosmos3.load("tiny", fast=True, layerwise_offload=True)
+    # "auto" compiles only on a GPU: on the CPU the engine runs the plain layer.
+    engine = cosmos3.load("tiny", device="cpu")
+    assert engine.transformer.gen_in is None
+    if not torch.cuda.is_available():  # fast means FP8, which needs a GPU: an error, never silently dropped
+        with pytest.raises(RuntimeError, match="FP8"):
+            cosmos3.load("tiny", fast=True)
