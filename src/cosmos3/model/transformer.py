@@ -112,6 +112,9 @@ class Cosmos3Transformer(nn.Module):
     gen_in = None
     gen_out = None
     compile_min_rows = 0  # passes with fewer generation rows run the plain functions
+    # Called after every layer of the prompt cache and the generation pass (the server's worker sets it for a
+    # batch, so that a waiting conversation can take the GPU between layers: cosmos3.turns).
+    between_layers: Callable[[], None] | None = None
 
     def compile_generation_layers(self, min_rows: int = 0, backend: str = "inductor") -> None:
         """torch.compile the generation layer's regions around attention (fuses norms, rotary, residual adds and the
@@ -228,6 +231,8 @@ class Cosmos3Transformer(nn.Module):
         cache: list[tuple[torch.Tensor, torch.Tensor]] = []
         for i in range(len(self.layers)):
             x = self.und_layer(i, x, cos, sin, causal=True, gen_kv=cache)
+            if self.between_layers is not None:
+                self.between_layers()
         return cache
 
     def causal_forward(
@@ -328,6 +333,8 @@ class Cosmos3Transformer(nn.Module):
         cos, sin = cos.flatten(0, 1), sin.flatten(0, 1)
         for i, layer in enumerate(self.layers):
             x = self.gen_layer(layer, x, cos, sin, [c[i] for c in caches], rows_per_chunk, sp)
+            if self.between_layers is not None:
+                self.between_layers()
         x = self.norm_moe_gen(x)
         if sp is not None:
             x = sp.gather(x.unflatten(0, (branches, sp.chunk))).flatten(0, 1)
