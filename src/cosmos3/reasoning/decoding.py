@@ -1,8 +1,10 @@
 """Decoding on the understanding pathway: prompts in, tokens out.
 
-A batch of prompts is left-padded and prefilled into a KV cache, then decoded one token per row per step with a
-static-shape step (`Cosmos3Transformer.decode_step`), replayed as a CUDA graph on a GPU. Sampling follows the
-OpenAI / vLLM settings.
+The pieces both decode paths share: sampling settings (OpenAI / vLLM), the batched `Sampler` (each row with its
+own settings and generator), prompts and their prefill (whole or in chunks). The Reasoner decodes through the
+continuous-batching `scheduler`; `token_stream` is the plain static batch (prompts left-padded and prefilled into
+one KV cache, then one token per row per step, its step replayed as a CUDA graph on a GPU), kept as the
+reference the scheduler is tested against.
 """
 
 from __future__ import annotations
@@ -160,14 +162,37 @@ class DecodeStep:
         return self.output.clone()
 
 
+def prefill(model: Cosmos3Transformer, prompt: Prompt, cache: KVCache, end: int) -> torch.Tensor:
+    """Prompt tokens `[cache.length, end)` through the model into `cache` (batch 1); returns their final hidden
+    states `[1, n, H]`. They attend to the cached earlier tokens and causally among themselves, and get the
+    DeepStack features of their own visual tokens, so that a prompt prefilled in chunks equals one pass."""
+    start = cache.length
+    device = prompt.embeds.device
+    cos, sin = model.rope(prompt.positions[:, None, start:end])
+    mask = None
+    if start:  # causal, aligned to the bottom right: query i sees the `start` cached tokens and itself
+        mask = torch.ones(end - start, end, dtype=torch.bool, device=device).tril(start)[None, None]
+    deepstack = None
+    if prompt.deepstack:
+        visual = prompt.visual_mask[start:end]
+        first, count = int(prompt.visual_mask[:start].sum()), int(visual.sum())
+        if count:  # the features are laid out over the prompt's visual tokens in order
+            deepstack = (visual[None], [f[first : first + count] for f in prompt.deepstack])
+    return model.causal_forward(prompt.embeds[None, start:end], cos, sin, cache, attn_mask=mask, deepstack=deepstack)
+
+
 @torch.inference_mode()
 def prompt_logits(model: Cosmos3Transformer, prompt: Prompt) -> torch.Tensor:
     """Next-token logits at every position of one prompt, `[L, vocab]` fp32 (for scoring and tests)."""
-    cache = KVCache(model.config, 1, len(prompt.input_ids), prompt.embeds.device, model.dtype)
-    cos, sin = model.rope(prompt.positions[:, None])
-    deepstack = (prompt.visual_mask[None], prompt.deepstack) if prompt.deepstack else None
-    hidden = model.causal_forward(prompt.embeds[None], cos, sin, cache, deepstack=deepstack)
-    return model.lm_head(hidden[0]).float()
+    length = len(prompt.input_ids)
+    cache = KVCache(model.config, 1, length, prompt.embeds.device, model.dtype)
+    return model.lm_head(prefill(model, prompt, cache, length)[0]).float()
+
+
+def graphable(model: Cosmos3Transformer, device: torch.device) -> bool:
+    """Whether a decode step can be a CUDA graph: it replays fixed weight addresses and no collectives, so not
+    with layers streamed from the host or tensor-parallel all-reduces."""
+    return device.type == "cuda" and model.groups.tp is None and not isinstance(model.layers, OffloadedLayers)
 
 
 @dataclass
@@ -261,15 +286,16 @@ def token_stream(
     step_tokens = torch.zeros(size, dtype=torch.long, device=device)
     step_positions = torch.zeros(3, size, 1, dtype=torch.long, device=device)
     write_at = torch.zeros(1, dtype=torch.long, device=device)
-    # A CUDA graph replays fixed weight addresses and no collectives: not with offloaded layers or TP all-reduces.
-    graph = device.type == "cuda" and model.groups.tp is None and not isinstance(model.layers, OffloadedLayers)
-    decode = DecodeStep(lambda: model.decode_step(step_tokens, step_positions, cache, write_at, slots), device, graph)
+    run = lambda: model.decode_step(step_tokens, step_positions, cache, write_at, slots)
+    decode = DecodeStep(run, device, graphable(model, device))
 
-    sampler = Sampler(params, rows, [p.input_ids for p in prompts], logits.shape[-1], device)
+    sampler = Sampler(size, logits.shape[-1], device)
+    for b, (row, prompt) in enumerate(zip(rows, prompts, strict=True)):
+        sampler.start(b, params, row, prompt.input_ids)
     next_pos = torch.tensor([p.next_position for p in prompts], device=device)
     eos = set(eos_token_ids)
     for step in range(params.max_tokens):
-        tokens = sampler(logits)
+        tokens = sampler.tokens(sampler(logits).to("cpu"), range(size))
         out: list[Token | None] = []
         for row, token in zip(rows, tokens, strict=True):
             if row.done or token.id in eos:
@@ -296,85 +322,163 @@ def token_stream(
         logits = decode()
 
 
+@dataclass
+class Draw:
+    """One step's tokens for every row of a batch, on the device: ids `[B]`, and with logprobs the chosen
+    tokens' `[B]` and the most likely alternatives' ids and values `[B, k]` (k = the most any row asked for)."""
+
+    ids: torch.Tensor
+    logprobs: torch.Tensor | None = None
+    top_ids: torch.Tensor | None = None
+    top_logprobs: torch.Tensor | None = None
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> Draw:
+        move = lambda t: None if t is None else t.to(device, non_blocking=non_blocking)
+        return Draw(move(self.ids), move(self.logprobs), move(self.top_ids), move(self.top_logprobs))
+
+
 class Sampler:
-    """One token per row of `[B, vocab]` logits: penalties (repetition over prompt and reply, presence and
-    frequency over the reply), the grammar's mask, then greedy or temperature / top-k / top-p sampling from each
-    row's own generator (so a row's tokens do not depend on the other rows of its batch)."""
+    """One token per row of `[B, vocab]` logits, each row with its own settings, generator and grammar: penalties
+    (repetition over prompt and reply, presence and frequency over the reply), the grammar's mask, then greedy or
+    temperature / top-k / top-p sampling, all rows in the same few kernels. Every step is elementwise or a
+    reduction along one row, and each setting a row does not use leaves it exactly as it is, so a row's tokens do
+    not depend on the rows it shares the batch with.
 
-    def __init__(self, params: Sampling, rows: list[Row], prompt_ids: list[torch.Tensor], vocab: int, device):
-        self.params, self.rows, self.vocab = params, rows, vocab
-        self.generators = [torch.Generator(device=device).manual_seed(row.seed) for row in rows]
-        size = len(rows)
-        self.counts = None
-        if params.presence_penalty or params.frequency_penalty:
-            self.counts = torch.zeros(size, vocab, device=device)
-        self.seen = None
-        if params.repetition_penalty != 1.0:
-            self.seen = torch.zeros(size, vocab, dtype=torch.bool, device=device)
-            for b, ids in enumerate(prompt_ids):
-                self.seen[b, ids.to(device)] = True
-        self.bitmask = None
-        if any(row.matcher is not None for row in rows):
-            self.bitmask = torch.full((size, (vocab + 31) // 32), -1, dtype=torch.int32)
-            self.bits = torch.arange(32, dtype=torch.int32)
+    A sampled row draws from its own generator with `torch.multinomial`'s own method for one sample (argmax of
+    probabilities over Exp(1) noise, aten's Distributions.cpp), the noise drawn per row into that row: the same
+    tokens as `torch.multinomial(probs[b:b+1], 1, generator=g)`, without its per-call host syncs.
+    Rows are slots: `start` gives one a new sequence."""
 
-    def __call__(self, logits: torch.Tensor) -> list[Token]:
-        params = self.params
-        raw, logits = logits, logits.clone()
-        if self.seen is not None:
-            penalty = params.repetition_penalty
-            logits = torch.where(self.seen, torch.where(logits < 0, logits * penalty, logits / penalty), logits)
-        if self.counts is not None:
-            logits -= params.presence_penalty * (self.counts > 0) + params.frequency_penalty * self.counts
-        if self.bitmask is not None:
-            logits = logits.masked_fill(~self.allowed().to(logits.device), float("-inf"))
-        if params.temperature == 0:
-            tokens = logits.argmax(dim=-1)
+    def __init__(self, rows: int, vocab: int, device: torch.device | str):
+        self.vocab, self.device = vocab, torch.device(device)
+        self.params: list[Sampling | None] = [None] * rows
+        self.rows: list[Row | None] = [None] * rows
+        self.generators: list[torch.Generator | None] = [None] * rows
+        f32 = {"dtype": torch.float32, "device": self.device}
+        self.temperature = torch.ones(rows, **f32)  # 1 at greedy rows, whose division is never used
+        self.top_k = torch.zeros(rows, dtype=torch.long, device=self.device)  # 0: off
+        self.top_p = torch.ones(rows, **f32)
+        self.repetition = torch.ones(rows, **f32)
+        self.presence = torch.zeros(rows, **f32)
+        self.frequency = torch.zeros(rows, **f32)
+        self.greedy = torch.ones(rows, dtype=torch.bool, device=self.device)
+        self.index = torch.arange(rows, device=self.device)
+        self.noise: torch.Tensor | None = None  # [rows, vocab] Exp(1) draws; made when a row first samples
+        self.counts: torch.Tensor | None = None  # [rows, vocab] reply token counts (presence / frequency)
+        self.seen: torch.Tensor | None = None  # [rows, vocab] prompt and reply tokens (repetition)
+        self.bitmask: torch.Tensor | None = None  # [rows, words] llguidance's allowed-token bits, on the host
+
+    def start(self, slot: int, params: Sampling, row: Row, prompt_ids: torch.Tensor) -> None:
+        """Row `slot` begins a sequence with these settings after the prompt `prompt_ids`."""
+        self.params[slot], self.rows[slot] = params, row
+        greedy = params.temperature == 0
+        self.generators[slot] = None if greedy else torch.Generator(device=self.device).manual_seed(row.seed)
+        self.greedy[slot] = greedy
+        self.temperature[slot] = 1.0 if greedy else params.temperature
+        self.top_k[slot] = min(params.top_k, self.vocab)
+        self.top_p[slot] = params.top_p
+        self.repetition[slot] = params.repetition_penalty
+        self.presence[slot] = params.presence_penalty
+        self.frequency[slot] = params.frequency_penalty
+        if params.presence_penalty or params.frequency_penalty or self.counts is not None:
+            self.counts = self._table(self.counts, torch.float32)
+            self.counts[slot] = 0
+        if params.repetition_penalty != 1.0 or self.seen is not None:
+            self.seen = self._table(self.seen, torch.bool)
+            self.seen[slot] = False
+            self.seen[slot, prompt_ids.to(self.device)] = True
+        if row.matcher is not None and self.bitmask is None:
+            self.bitmask = torch.full((len(self.rows), (self.vocab + 31) // 32), -1, dtype=torch.int32)
+            self.bits = torch.arange(32, dtype=torch.int32, device=self.device)
+
+    def _table(self, table: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+        return table if table is not None else torch.zeros(len(self.rows), self.vocab, dtype=dtype, device=self.device)
+
+    def __call__(self, logits: torch.Tensor, active: list[int] | None = None) -> Draw:
+        """Tokens for rows `[0, B)` of `logits` `[B, vocab]` (fp32); `active` (default all) are the rows whose
+        sequences are going: only they draw from their generators. Other rows get tokens of no meaning."""
+        size = logits.shape[0]
+        active = list(range(size)) if active is None else active
+        params = [self.params[b] for b in active]
+        x = logits
+        if self.seen is not None and any(p.repetition_penalty != 1.0 for p in params):
+            penalty = self.repetition[:size, None]
+            x = torch.where(self.seen[:size], torch.where(x < 0, x * penalty, x / penalty), x)
+        if self.counts is not None and any(p.presence_penalty or p.frequency_penalty for p in params):
+            counts = self.counts[:size]
+            x = x - (self.presence[:size, None] * (counts > 0) + self.frequency[:size, None] * counts)
+        if self.bitmask is not None and any(self.rows[b].matcher is not None for b in active):
+            x = x.masked_fill(~self.allowed(size, active), float("-inf"))
+        sampled = [b for b in active if self.generators[b] is not None]
+        if not sampled:
+            ids = x.argmax(dim=-1)
         else:
-            tokens = self.draw(logits / params.temperature)
-        ids = tokens.tolist()
-        rows = torch.arange(len(ids), device=tokens.device)
+            ids = self.draw(x, sampled)
+            if len(sampled) < len(active):
+                ids = torch.where(self.greedy[:size], x.argmax(dim=-1), ids)
         if self.counts is not None:
-            self.counts[rows, tokens] += 1
+            self.counts[self.index[:size], ids] += 1
         if self.seen is not None:
-            self.seen[rows, tokens] = True
-        if not params.logprobs:
-            return [Token(tok) for tok in ids]
-        logprobs = raw.float().log_softmax(dim=-1)
-        chosen = logprobs.gather(1, tokens[:, None])[:, 0].tolist()
-        top = logprobs.topk(params.top_logprobs, dim=-1) if params.top_logprobs else None
-        return [
-            Token(
-                tok,
-                chosen[b],
-                list(zip(top.indices[b].tolist(), top.values[b].tolist(), strict=True)) if top is not None else [],
-            )
-            for b, tok in enumerate(ids)
-        ]
+            self.seen[self.index[:size], ids] = True
+        if not any(p.logprobs for p in params):
+            return Draw(ids)
+        logprobs = logits.log_softmax(dim=-1)  # the model's own, before penalties, temperature and grammar
+        chosen = logprobs.gather(1, ids[:, None])[:, 0]
+        most = max(p.top_logprobs for p in params)
+        if not most:
+            return Draw(ids, chosen)
+        top = logprobs.topk(most, dim=-1)
+        return Draw(ids, chosen, top.indices, top.values)
 
-    def allowed(self) -> torch.Tensor:
-        """`[B, vocab]` True where each row's grammar allows the token (rows without a grammar allow all)."""
-        for b, row in enumerate(self.rows):
+    def draw(self, x: torch.Tensor, sampled: list[int]) -> torch.Tensor:
+        """Temperature, top-k and top-p per row, then one draw per sampled row from its own generator."""
+        size = x.shape[0]
+        params = [self.params[b] for b in sampled]
+        x = x / self.temperature[:size, None]
+        most = min(max(p.top_k for p in params), self.vocab)
+        if most > 0:
+            k = self.top_k[:size, None]
+            kth = x.topk(most, dim=-1).values.gather(1, (k - 1).clamp(0, most - 1))  # rows past `most` are unused
+            x = x.masked_fill(x < torch.where(k > 0, kth, float("-inf")), float("-inf"))
+        if any(p.top_p < 1.0 for p in params):
+            top_p = self.top_p[:size, None]
+            sorted_logits, order = x.sort(dim=-1, descending=True)
+            probs = sorted_logits.softmax(dim=-1)
+            drop = (probs.cumsum(dim=-1) - probs > top_p) & (top_p < 1.0)  # the smallest prefix reaching top_p
+            sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+            x = torch.full_like(x, float("-inf")).scatter(-1, order, sorted_logits)
+        probs = x.softmax(dim=-1)
+        if self.noise is None:
+            self.noise = torch.ones(len(self.rows), self.vocab, device=self.device)
+        for b in sampled:
+            self.noise[b : b + 1].exponential_(generator=self.generators[b])
+        return (probs / self.noise[:size]).argmax(dim=-1)
+
+    def allowed(self, size: int, active: list[int]) -> torch.Tensor:
+        """`[size, vocab]` True where each row's grammar allows the token (rows without a grammar allow all)."""
+        self.bitmask[:size].fill_(-1)
+        for b in active:
+            row = self.rows[b]
             if row.matcher is not None and not row.done:
                 row.matcher.unsafe_compute_mask_ptr(self.bitmask[b].data_ptr(), self.bitmask.shape[1] * 4)
-            else:
-                self.bitmask[b].fill_(-1)
-        bits = (self.bitmask[:, :, None] >> self.bits) & 1
-        return bits.view(len(self.rows), -1)[:, : self.vocab].bool()
+        bits = (self.bitmask[:size].to(self.device)[:, :, None] >> self.bits) & 1
+        return bits.view(size, -1)[:, : self.vocab].bool()
 
-    def draw(self, logits: torch.Tensor) -> torch.Tensor:
-        params = self.params
-        if params.top_k > 0:
-            k = min(params.top_k, logits.shape[-1])
-            kth = logits.topk(k, dim=-1).values[:, -1:]
-            logits = logits.masked_fill(logits < kth, float("-inf"))
-        if params.top_p < 1.0:
-            sorted_logits, order = logits.sort(dim=-1, descending=True)
-            probs = sorted_logits.softmax(dim=-1)
-            drop = probs.cumsum(dim=-1) - probs > params.top_p  # keep the smallest prefix reaching top_p
-            sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-            logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-        probs = logits.softmax(dim=-1)
-        return torch.cat(
-            [torch.multinomial(probs[b : b + 1], 1, generator=g)[0] for b, g in enumerate(self.generators)]
-        )
+    def tokens(self, draw: Draw, slots: list[int] | range) -> list[Token]:
+        """The tokens of rows `slots` from a draw already on the host."""
+        ids = draw.ids.tolist()
+        if draw.logprobs is None:
+            return [Token(ids[b]) for b in slots]
+        chosen = draw.logprobs.tolist()
+        top_ids = draw.top_ids.tolist() if draw.top_ids is not None else None
+        top_values = draw.top_logprobs.tolist() if draw.top_logprobs is not None else None
+        out = []
+        for b in slots:
+            params = self.params[b]
+            if not params.logprobs:
+                out.append(Token(ids[b]))
+                continue
+            most = params.top_logprobs
+            top = list(zip(top_ids[b][:most], top_values[b][:most], strict=True)) if most else []
+            out.append(Token(ids[b], chosen[b], top))
+        return out

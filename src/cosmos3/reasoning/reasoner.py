@@ -19,7 +19,7 @@ import torch
 from cosmos3.errors import RequestError
 from cosmos3.media import fetch_bytes
 from cosmos3.model.transformer import Cosmos3Transformer
-from cosmos3.reasoning.decoding import Prompt, Row, Sampling, Token, grammar_of, prompt_logits, token_stream
+from cosmos3.reasoning.decoding import Prompt, Row, Sampling, Token, grammar_of, prompt_logits
 from cosmos3.reasoning.messages import (
     MAX_MEDIA_BYTES,
     MediaReader,
@@ -27,7 +27,7 @@ from cosmos3.reasoning.messages import (
     template_messages,
     video_sampling,
 )
-from cosmos3.reasoning.scheduler import END, Scheduler
+from cosmos3.reasoning.scheduler import END, MAX_SLOTS, Scheduler
 
 
 @dataclass
@@ -100,6 +100,17 @@ class Reasoner:
         self.allow_private: bool | None = None  # URLs to private addresses: None follows fetch_bytes' rule
         self._guidance_tokenizer = None
         self._token_bytes: dict[int, bytes] = {}
+        self._scheduler: Scheduler | None = None
+
+    @property
+    def scheduler(self) -> Scheduler:
+        """The continuous-batching scheduler the Python API decodes with (made at first use, kept with its cache
+        and CUDA graphs). Without a thread of its own, its steps run in the callers that wait for tokens, so that
+        every rank of a parallel layout runs the same steps in the same order."""
+        if self._scheduler is None:
+            self._scheduler = Scheduler(self.transformer, self.eos_token_ids, slots=MAX_SLOTS, threaded=False)
+        self._scheduler.eos = set(self.eos_token_ids)  # a caller may change them (the benchmark decodes past them)
+        return self._scheduler
 
     @property
     def device(self) -> torch.device:
@@ -221,12 +232,13 @@ class Reasoner:
                 yield delta.text
 
     def deltas(self, conversations: list[list[dict]], params: Sampling, **encode_kwargs: Any) -> Iterator[Delta]:
-        """Decode `params.n` choices per conversation as one batch, yielding each choice's text as it grows.
+        """Decode `params.n` choices per conversation through the continuous-batching scheduler (the server's
+        decode path), yielding each choice's text as it grows.
 
         Unset sampling fields take the documents' settings, with reasoning when `reasoning=True` or when every
         conversation's last user turn asks for the <think> format. A choice's last delta has its finish_reason
         and token counts."""
-        return self.decode_batch(self.prepare(conversations, params, **encode_kwargs))
+        return self.decode_scheduled(self.prepare(conversations, params, **encode_kwargs), self.scheduler)
 
     def prepare(self, conversations: list[list[dict]], params: Sampling, **encode_kwargs: Any) -> Decode:
         """Settings resolved, prompts encoded (media through the vision tower), one row per choice."""
@@ -242,25 +254,6 @@ class Reasoner:
         choices = [Choice(self, params, len(p.input_ids)) for p in prompts for _ in range(params.n)]
         return Decode(params, [p for p in prompts for _ in range(params.n)], rows, choices)
 
-    def decode_batch(self, decode: Decode) -> Iterator[Delta]:
-        """Every row of `decode` in one static batch (`token_stream`)."""
-        rows, choices = decode.rows, decode.choices
-        for tokens in token_stream(self.transformer, decode.prompts, decode.params, self.eos_token_ids, rows):
-            for index, (row, choice, token) in enumerate(zip(rows, choices, tokens, strict=True)):
-                if choice.finished:
-                    continue
-                if token is not None:
-                    delta = choice.push(token)
-                    if choice.stopped:  # a stop string: the row ends here
-                        row.finish_reason = "stop"
-                    if delta is not None:
-                        yield Delta(index, *delta)
-                if row.done:
-                    yield choice.last_delta(index, row.finish_reason)
-        for index, (row, choice) in enumerate(zip(rows, choices, strict=True)):
-            if not choice.finished:  # a decode cut short by its caller
-                yield choice.last_delta(index, row.finish_reason or "length")
-
     def decode_scheduled(self, decode: Decode, scheduler: Scheduler) -> Iterator[Delta]:
         """Every row of `decode` as jobs of a continuous-batching `scheduler` (other requests join and leave the
         same batch). Closing the iterator early cancels the rows still running."""
@@ -272,7 +265,7 @@ class Reasoner:
         running = len(jobs)
         try:
             while running:
-                index, item = out.get()
+                index, item = scheduler.next(out)
                 row, choice = decode.rows[index], decode.choices[index]
                 if item is END:
                     running -= 1

@@ -1,18 +1,25 @@
 """Continuous batching for the Reasoner: one decode loop that requests join and leave at any step.
 
-The batch is a KV cache of `slots` rows that all write one shared column per step (the static-shape
-`Cosmos3Transformer.decode_step`); a per-row mask says which columns each row attends to. A request joins by being
-prefilled alone and having its keys and values copied into a free row, right-aligned to the current column, so
-that from its first decode step on it sees exactly what it would see decoding alone (keys carry their own rotary
-positions, so the column they sit in does not matter). A finished, cancelled or stopped request gives its row back
-at once. When the columns run out the cache is compacted (columns no live row uses are dropped) or grown.
+The batch is a KV cache of rows used as a ring of columns: every step, every row writes the same column (the
+static-shape `Cosmos3Transformer.decode_step`, a CUDA graph on a GPU), which then advances modulo the width, and a
+per-row mask says which columns each row attends to. A row's sequence is the arc of columns before the write
+column; keys carry their own rotary positions and attention sums over keys, so where a key sits does not matter.
+A request joins by being prefilled on its own (in chunks while others decode, so that a long video prompt does not
+stall them) and having its keys and values copied into a free row, on the arc that ends at the write column, so
+that from its first decode step on it sees exactly what it would see decoding alone. A finished, cancelled or
+stopped request gives its row back at once. The cache is reallocated only when a sequence outgrows the ring or
+more rows are needed; otherwise its addresses, and so the captured graphs, stay the same.
 
-Each request samples with its own settings, generator and grammar (`Sampler` over its own row), so its tokens do
-not depend on the requests it shares the batch with: its greedy tokens equal running it alone.
+Each step prefills waiting requests within a token budget, samples every running row's next token in one
+`Sampler` call (each row with its own settings, generator and grammar), launches the next decode step, and only
+then reads the tokens back on the host and hands them out, so that the host's work overlaps the GPU's. A step
+runs over the smallest power of two of rows that holds every running one, each size with its own graph. A
+request's greedy tokens equal running it alone.
 """
 
 from __future__ import annotations
 
+import collections
 import queue
 import threading
 from collections.abc import Callable
@@ -22,9 +29,18 @@ from dataclasses import dataclass
 import torch
 
 from cosmos3.model.transformer import Cosmos3Transformer, KVCache
-from cosmos3.reasoning.decoding import Prompt, Row, Sampler, Sampling
+from cosmos3.reasoning.decoding import Batch, Prompt, Row, Sampler, Sampling, graphable, prefill
 
 END = object()  # the last item of a request's queue
+
+# Prompt tokens prefilled per step while other requests decode: vLLM's chunked-prefill default
+# (max_num_batched_tokens=512, vllm-project/vllm#4580: the best inter-token latency / TTFT balance on an A100).
+# A 512-token chunk of Nano (8B parameters, 2 x 8e9 x 512 = 8 TFLOP) is about 12 ms on an H100, so the matmuls are
+# compute-bound while each running stream's next token waits about two decode steps.
+PREFILL_CHUNK = 512
+# The most sequences decoded together (vLLM's `max_num_seqs`): the issue's 64 concurrent requests on one H100. A
+# CUDA graph is captured per power of two of rows up to it.
+MAX_SLOTS = 64
 
 
 @dataclass
@@ -40,18 +56,62 @@ class Job:
     error: BaseException | None = None
     # Filled by the scheduler.
     slot: int = -1
+    joined: bool = False  # its prompt is in the ring: it decodes
     generated: int = 0
-    last: int = 0
-    logits: torch.Tensor | None = None
-    sampler: Sampler | None = None
+    length: int = 0  # columns its sequence holds in the ring
+    cache: KVCache | None = None  # its prompt's keys and values while it is prefilled in chunks
 
     def cancel(self) -> None:
         self.row.finish_reason = self.row.finish_reason or "stop"
 
+    @property
+    def prompt_len(self) -> int:
+        return len(self.prompt.input_ids)
+
+    @property
+    def prefilled(self) -> int:
+        return self.cache.length if self.cache is not None else 0
+
+
+class Ring:
+    """Keys and values of `rows` sequences, `[layers, rows, width, kv_heads, head_dim]`, and the columns each row
+    attends to, `[rows, width]`."""
+
+    def __init__(self, model: Cosmos3Transformer, rows: int, width: int):
+        cfg, device = model.config, model.embed_tokens.weight.device
+        shape = (cfg.num_hidden_layers, rows, width, cfg.num_key_value_heads, cfg.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=model.dtype)
+        self.v = torch.zeros(shape, device=device, dtype=model.dtype)
+        self.mask = torch.zeros(rows, width, dtype=torch.bool, device=device)
+
+    @property
+    def rows(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def width(self) -> int:
+        return self.k.shape[2]
+
+
+class Rows:
+    """The first `size` rows of a ring, as the cache `decode_step` writes: one token per row at column `at`."""
+
+    def __init__(self, ring: Ring, size: int):
+        self.k, self.v = ring.k[:, :size], ring.v[:, :size]
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, at: torch.Tensor):
+        self.k[layer].index_copy_(1, at, k)
+        self.v[layer].index_copy_(1, at, v)
+        return self.k[layer], self.v[layer]
+
 
 class Scheduler:
-    """Decodes every submitted job in one running batch on a thread of its own. `lock()` is held around each
-    step and each admission (the server passes the worker's engine lock, so that video jobs interleave)."""
+    """Decodes every submitted job in one running batch, on a thread of its own (`threaded`) or in the steps its
+    callers run while they wait (`next`). `lock()` is held around each step (the server passes the worker's engine
+    lock, so that video jobs interleave). `slots` (up to `MAX_SLOTS`) bounds the sequences decoded together; more
+    wait. `prefill_chunk` is the prompt tokens prefilled per step while others decode. `columns` is the room a
+    new cache leaves for decoding past its first prompt. `graph`: replay decode steps as CUDA graphs where
+    possible (a GPU, no tensor parallelism, no layerwise offload)."""
 
     def __init__(
         self,
@@ -61,17 +121,36 @@ class Scheduler:
         lock: Callable[[], AbstractContextManager] | None = None,
         columns: int = 256,
         threaded: bool = True,
+        prefill_chunk: int = PREFILL_CHUNK,
+        graph: bool = True,
     ):
+        if not 1 <= slots <= MAX_SLOTS:
+            raise ValueError(f"slots={slots}: from 1 to {MAX_SLOTS}")
+        if prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk={prefill_chunk}: at least 1")
         self.model, self.eos, self.size, self.margin = model, set(eos_token_ids), slots, columns
+        self.chunk = prefill_chunk
         self.lock = lock or nullcontext
-        self.threaded = threaded  # False: the caller runs `step()` itself (tests)
-        self.waiting: queue.Queue[Job] = queue.Queue()
-        self.jobs: list[Job | None] = [None] * slots
-        self.cache: KVCache | None = None
-        self.mask: torch.Tensor | None = None  # [slots, columns] which columns each row attends to
-        self.start = [0] * slots  # first column of each row's sequence
-        self.column = 0  # the next column every row writes
+        self.threaded = threaded  # False: callers run the steps (`next`, or `step()` in tests)
+        self.waiting: queue.Queue[Job] = queue.Queue()  # submitted, not yet seen by a step
+        self.queued: collections.deque[Job] = collections.deque()  # seen, waiting for a row
+        self.jobs: list[Job | None] = [None] * slots  # the job holding each row (prefilling or decoding)
+        self.ring: Ring | None = None
+        self.column = 0  # the column every row writes next (the device keeps its own copy, `at`)
+        self.use_graph = graph and graphable(model, self.device)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}  # per number of rows stepped
+        self.pool = None  # the graphs' shared memory pool
+        vocab = model.lm_head.weight.shape[0]
+        device = self.device
+        # The decode step's static inputs and output, refilled in place every step.
+        self.tokens = torch.zeros(slots, dtype=torch.long, device=device)
+        self.positions = torch.zeros(3, slots, 1, dtype=torch.long, device=device)
+        self.at = torch.zeros(1, dtype=torch.long, device=device)
+        self.logits = torch.zeros(slots, vocab, device=device)
+        self.sampler = Sampler(slots, vocab, device)
+        self.drawn = torch.cuda.Event() if device.type == "cuda" else None  # the step's tokens reached the host
         self.wake = threading.Condition()
+        self.stepping = threading.Lock()  # one step at a time (callers of `next` take turns)
         self.thread: threading.Thread | None = None
         self.closed = False
         self.steps = 0  # decode steps run
@@ -91,101 +170,109 @@ class Scheduler:
             self.wake.notify()
         return job
 
+    def next(self, out: queue.Queue):
+        """The next item of a job's queue; without a thread of its own the scheduler steps until one arrives."""
+        if self.threaded:
+            return out.get()
+        while True:
+            try:
+                return out.get_nowait()
+            except queue.Empty:
+                pass
+            self.run_step()
+
     def close(self) -> None:
         with self.wake:
             self.closed = True
             self.wake.notify()
 
+    def release(self) -> None:
+        """Free the cache and graphs while no job holds a row (the next job allocates them again)."""
+        with self.stepping:
+            if not self.active:
+                self.ring, self.graphs, self.pool = None, {}, None
+
     @property
     def active(self) -> int:
         return sum(job is not None for job in self.jobs)
+
+    @property
+    def idle(self) -> bool:
+        return not self.active and not self.queued and self.waiting.empty()
 
     # ------------------------------------------------------------------------------------------- the loop
     def loop(self) -> None:
         while True:
             with self.wake:
-                while not self.closed and not self.active and self.waiting.empty():
+                while not self.closed and self.idle:
                     self.wake.wait()
                 if self.closed:
                     return
-            try:
-                with self.lock():
-                    self.step()
-            except BaseException as exc:  # every job of the batch learns of it; the scheduler starts afresh
-                for job in [j for j in self.jobs if j is not None]:
-                    self.retire(job, error=exc)
-                self.cache = None
+            self.run_step()
+
+    def run_step(self) -> None:
+        try:
+            with self.stepping, self.lock():
+                self.step()
+        except BaseException as exc:  # every job learns of it; the scheduler starts afresh
+            self.fail(exc)
+
+    def fail(self, exc: BaseException) -> None:
+        while not self.waiting.empty():
+            self.queued.append(self.waiting.get())
+        for job in [j for j in self.jobs if j is not None] + list(self.queued):
+            self.retire(job, error=exc)
+        self.queued.clear()
+        self.ring, self.graphs, self.pool = None, {}, None
 
     @torch.inference_mode()
     def step(self) -> None:
-        """Admit waiting jobs into free rows, sample one token per job, retire finished ones, decode a step."""
-        while not self.waiting.empty() and None in self.jobs:
-            self.admit(self.waiting.get())
-        for job in [j for j in self.jobs if j is not None]:
+        """Prefill within the budget, sample one token per decoding job, launch the next decode step, then hand
+        the tokens out and retire finished jobs."""
+        while not self.waiting.empty():
+            self.queued.append(self.waiting.get())
+        for job in [j for j in self.jobs if j is not None] + list(self.queued):
             if job.row.done:  # cancelled or stopped by its consumer
                 self.retire(job)
-                continue
-            (token,) = job.sampler(job.logits)
-            job.generated += 1
-            if token.id in self.eos:
-                job.row.finish_reason = "stop"
-                self.retire(job)
-                continue
-            if job.row.matcher is not None:
-                job.row.matcher.consume_token(token.id)
-                if job.row.matcher.is_stopped():
-                    job.row.finish_reason = "stop"
-            job.last = token.id
-            job.out.put((job.index, token))
-            if job.generated >= job.params.max_tokens and not job.row.done:
-                job.row.finish_reason = "length"
-            if job.row.done:
-                self.retire(job)
-        live = [j for j in self.jobs if j is not None]
+        self.admit()
+        live = [j for j in self.jobs if j is not None and j.joined]
         self.most_active = max(self.most_active, len(live))
         if not live:
             return
-        self.reserve(1)
-        tokens = torch.zeros(self.size, dtype=torch.long, device=self.device)
-        positions = torch.zeros(3, self.size, 1, dtype=torch.long, device=self.device)
-        for job in live:
-            tokens[job.slot] = job.last
-            positions[:, job.slot] = job.prompt.next_position + job.generated - 1
-        self.mask[:, self.column] = True  # free rows attend to this column only: no empty softmax row
-        at = torch.tensor([self.column], device=self.device)
-        logits = self.model.decode_step(tokens, positions, self.cache, at, self.mask)
-        self.column += 1
-        for job in live:
-            job.logits = logits[job.slot : job.slot + 1]
-        self.steps += 1
+        size = self.bucket(max(j.slot for j in live) + 1)
+        draw = self.sampler(self.logits[:size], [j.slot for j in live])
+        going = [j for j in live if j.generated + 1 < j.params.max_tokens]  # the others end with this token
+        if going:
+            self.tokens[:size].copy_(draw.ids)
+            host = draw.to("cpu", non_blocking=True)
+            if self.drawn is not None:
+                self.drawn.record()
+            self.decode(size, live)
+            if self.drawn is not None:
+                self.drawn.synchronize()  # the tokens, not the decode step launched after them
+        else:
+            host = draw.to("cpu")
+        for job, token in zip(live, self.sampler.tokens(host, [j.slot for j in live]), strict=True):
+            self.hand_out(job, token)
 
-    def admit(self, job: Job) -> None:
-        """Prefill the job alone and copy its keys and values into a free row, ending at the current column."""
-        model, prompt = self.model, job.prompt
-        length = len(prompt.input_ids)
-        try:
-            cache = KVCache(model.config, 1, length, self.device, model.dtype)
-            cos, sin = model.rope(prompt.positions[:, None])
-            deepstack = (prompt.visual_mask[None], prompt.deepstack) if prompt.deepstack else None
-            hidden = model.causal_forward(prompt.embeds[None], cos, sin, cache, deepstack=deepstack)
-            job.logits = model.lm_head(hidden[:, -1]).float()
-            job.sampler = Sampler(job.params, [job.row], [prompt.input_ids], job.logits.shape[-1], self.device)
-        except BaseException as exc:
-            job.error = exc
-            job.out.put((job.index, END))
+    def hand_out(self, job: Job, token) -> None:
+        job.generated += 1
+        if token.id in self.eos:
+            job.row.finish_reason = "stop"
+            self.retire(job)
             return
-        if self.cache is None:
-            self.allocate(length + self.margin)
-            self.column = length
-        if self.column < length:  # room on the left for the prompt
-            self.resize(self.cache.k.shape[2] + length - self.column, shift=length - self.column)
-        slot = self.jobs.index(None)
-        self.cache.k[:, slot, self.column - length : self.column] = cache.k[:, 0]
-        self.cache.v[:, slot, self.column - length : self.column] = cache.v[:, 0]
-        self.mask[slot] = False
-        self.mask[slot, self.column - length : self.column] = True
-        self.start[slot] = self.column - length
-        job.slot, self.jobs[slot] = slot, job
+        if job.row.matcher is not None:
+            if not job.row.matcher.consume_token(token.id):
+                error = RuntimeError(f"the grammar refused a token it allowed: {job.row.matcher.get_error()}")
+                self.retire(job, error=error)
+                return
+            if job.row.matcher.is_stopped():  # the grammar is complete: nothing may follow
+                job.row.finish_reason = "stop"
+        job.out.put((job.index, token))
+        if job.generated >= job.params.max_tokens and not job.row.done:
+            job.row.finish_reason = "length"
+        if job.row.done:
+            self.retire(job)
 
     def retire(self, job: Job, error: BaseException | None = None) -> None:
         if error is not None:
@@ -193,35 +280,153 @@ class Scheduler:
         job.row.finish_reason = job.row.finish_reason or "stop"
         if job.slot >= 0 and self.jobs[job.slot] is job:
             self.jobs[job.slot] = None
-            self.mask[job.slot] = False
+        elif job in self.queued:
+            self.queued.remove(job)
+        job.cache = None
         job.out.put((job.index, END))
 
-    # ------------------------------------------------------------------------------------------- the cache
-    def allocate(self, columns: int) -> None:
-        self.cache = KVCache(self.model.config, self.size, columns, self.device, self.model.dtype)
-        self.mask = torch.zeros(self.size, columns, dtype=torch.bool, device=self.device)
+    # ------------------------------------------------------------------------------------------- prefill
+    def admit(self) -> None:
+        """Prefill waiting jobs, first come first served, `prefill_chunk` tokens per step while others decode
+        (with no one decoding, the first prompt goes whole). Whole prompts that fit the budget are prefilled in
+        one padded batch; a longer one in chunks, one per step."""
+        budget = self.chunk
+        while budget > 0:
+            job = next((j for j in self.jobs if j is not None and not j.joined), None)  # part-way through
+            if job is None and self.queued and None in self.jobs:
+                job = self.take(self.queued.popleft())
+            if job is None:
+                return
+            left = job.prompt_len - job.prefilled
+            if not any(j is not None and j.joined for j in self.jobs):
+                budget = max(budget, left)  # nobody to stall
+            if job.prefilled == 0 and left <= budget:
+                group = [job]
+                budget -= left
+                while self.queued and None in self.jobs and self.queued[0].prompt_len <= budget:
+                    budget -= self.queued[0].prompt_len
+                    group.append(self.take(self.queued.popleft()))
+                self.prefill_whole(group)
+            else:
+                step = min(left, budget)
+                budget -= step
+                self.prefill_part(job, step)
 
-    def reserve(self, columns: int) -> None:
-        """Make room for `columns` more writes: drop the columns no live row uses, else grow."""
-        width = self.cache.k.shape[2]
-        if self.column + columns <= width:
+    def take(self, job: Job) -> Job:
+        """Give a queued job the lowest free row (low rows keep the stepped batch small)."""
+        job.slot = self.jobs.index(None)
+        self.jobs[job.slot] = job
+        return job
+
+    def prefill_whole(self, group: list[Job]) -> None:
+        model = self.model
+        try:
+            batch = Batch.of([j.prompt for j in group])
+            width = batch.valid.shape[1]
+            cache = KVCache(model.config, len(group), width, self.device, model.dtype)
+            cos, sin = model.rope(batch.positions)
+            mask = batch.attention_mask()
+            hidden = model.causal_forward(batch.embeds, cos, sin, cache, attn_mask=mask, deepstack=batch.deepstack)
+            logits = model.lm_head(hidden[:, -1]).float()
+        except Exception as exc:  # these jobs fail; the others go on
+            for job in group:
+                self.retire(job, error=exc)
             return
-        live = [self.start[j.slot] for j in self.jobs if j is not None]
-        drop = min(live) if live else self.column
-        if drop > 0:
-            self.resize(width, shift=-drop)
-        if self.column + columns > self.cache.k.shape[2]:
-            self.resize(2 * self.cache.k.shape[2])
+        for b, job in enumerate(group):  # left-padded: each prompt ends in the last column
+            start = width - job.prompt_len
+            self.join(job, cache.k[:, b, start:], cache.v[:, b, start:], logits[b])
 
-    def resize(self, columns: int, shift: int = 0) -> None:
-        """A cache of `columns` columns holding the old one moved right by `shift` (left when negative)."""
-        old_k, old_v, old_mask = self.cache.k, self.cache.v, self.mask
-        self.allocate(columns)
-        width = old_k.shape[2]
-        src = slice(max(0, -shift), min(width, columns - shift))
-        dst = slice(src.start + shift, src.stop + shift)
-        self.cache.k[:, :, dst] = old_k[:, :, src]
-        self.cache.v[:, :, dst] = old_v[:, :, src]
-        self.mask[:, dst] = old_mask[:, src]
-        self.column += shift
-        self.start = [s + shift for s in self.start]
+    def prefill_part(self, job: Job, tokens: int) -> None:
+        model = self.model
+        try:
+            if job.cache is None:
+                job.cache = KVCache(model.config, 1, job.prompt_len, self.device, model.dtype)
+            end = job.prefilled + tokens
+            hidden = prefill(model, job.prompt, job.cache, end)
+            if end < job.prompt_len:
+                return
+            logits = model.lm_head(hidden[0, -1]).float()
+        except Exception as exc:
+            self.retire(job, error=exc)
+            return
+        self.join(job, job.cache.k[:, 0], job.cache.v[:, 0], logits)
+
+    def join(self, job: Job, k: torch.Tensor, v: torch.Tensor, logits: torch.Tensor) -> None:
+        """Copy a prefilled prompt's keys and values `[layers, L, ...]` into its row, on the arc that ends at the
+        write column, and make its first token's logits the row's."""
+        length, slot = job.prompt_len, job.slot
+        self.reserve(slot + 1, length + 1)
+        columns = torch.arange(self.column - length, self.column, device=self.device) % self.ring.width
+        self.ring.k[:, slot].index_copy_(1, columns, k)
+        self.ring.v[:, slot].index_copy_(1, columns, v)
+        self.ring.mask[slot] = False
+        self.ring.mask[slot].index_fill_(0, columns, True)
+        self.positions[:, slot] = job.prompt.next_position
+        self.logits[slot] = logits
+        self.sampler.start(slot, job.params, job.row, job.prompt.input_ids)
+        job.joined, job.length, job.cache = True, length, None
+
+    # ------------------------------------------------------------------------------------------- decoding
+    def bucket(self, rows: int) -> int:
+        """The rows a step runs over: the smallest power of two holding `rows`, within the ring."""
+        return min(1 << (rows - 1).bit_length(), self.ring.rows)
+
+    def decode(self, size: int, live: list[Job]) -> None:
+        """One decode step over the first `size` rows: eagerly, or replaying this size's CUDA graph (captured
+        after its first eager step, which is also the warm-up capture needs)."""
+        self.reserve(size, max(j.length for j in live) + 1)
+        if not self.use_graph:
+            self.run(size)
+        elif size in self.graphs:
+            self.graphs[size].replay()
+        else:
+            self.run(size)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
+                self.run(size)  # recorded, not run
+            self.pool = self.pool if self.pool is not None else graph.pool()
+            self.graphs[size] = graph
+        self.column = (self.column + 1) % self.ring.width
+        for job in live:
+            job.length += 1
+        self.steps += 1
+
+    def run(self, size: int) -> None:
+        """The step itself, every input and output a fixed buffer: write column `at` for every row, advance it."""
+        ring = self.ring
+        mask = ring.mask[:size]
+        mask.index_fill_(1, self.at, True)  # this token's column; free rows thus never softmax over nothing
+        logits = self.model.decode_step(self.tokens[:size], self.positions[:, :size], Rows(ring, size), self.at, mask)
+        self.logits[:size].copy_(logits)
+        self.positions[:, :size] += 1
+        self.at.add_(1).remainder_(ring.width)
+
+    # ------------------------------------------------------------------------------------------- the cache
+    def reserve(self, rows: int, columns: int) -> None:
+        """Make the ring at least `rows` rows and `columns` wide (doubling, so that reallocations are rare)."""
+        if self.ring is None:
+            self.ring = Ring(self.model, min(self.size, 1 << (rows - 1).bit_length()), columns + self.margin)
+            self.column = 0
+            self.at.zero_()
+            return
+        ring = self.ring
+        if rows <= ring.rows and columns <= ring.width:
+            return
+        new_rows = ring.rows if rows <= ring.rows else min(self.size, max(2 * ring.rows, rows))
+        width = ring.width if columns <= ring.width else max(2 * ring.width, columns + self.margin)
+        self.resize(new_rows, width)
+
+    def resize(self, rows: int, width: int) -> None:
+        """A new ring holding the old one's columns in order, oldest first, so that every arc ends at column
+        `old width` (the new write column). The graphs captured on the old buffers go with them."""
+        old, cut = self.ring, self.column
+        self.ring = new = Ring(self.model, rows, width)
+        head = old.width - cut
+        for src, dst in ((old.k, new.k), (old.v, new.v)):
+            dst[:, : old.rows, :head] = src[:, :, cut:]
+            dst[:, : old.rows, head : old.width] = src[:, :, :cut]
+        new.mask[: old.rows, :head] = old.mask[:, cut:]
+        new.mask[: old.rows, head : old.width] = old.mask[:, :cut]
+        self.column = old.width % width
+        self.at.fill_(self.column)
+        self.graphs, self.pool = {}, None
