@@ -6,9 +6,10 @@ OpenAI's fields: `n` choices, `stop`, `seed`, `logprobs` / `top_logprobs`, `freq
 Unset sampling fields take the documents' settings (with reasoning when the last user turn asks for <think>).
 A field this server does not take (tools, logit_bias, ...) is a 400 naming it.
 
-A conversation runs in a thread of its own pool and takes the engine from the job worker between batches
-(`Worker.exclusive`); the event loop only awaits it, so a conversation that waits for a long video never holds up
-other routes."""
+A conversation runs in a thread of its own pool and takes the engine from the job worker for one short unit at a
+time (`Worker.exclusive`: its prompt's encoding, then each admission and decode step of the scheduler); a running
+video lends it the engine between two transformer layers (`cosmos3.turns`), so a chat does not wait for the video.
+The event loop only awaits it, so a conversation that waits for the engine never holds up other routes."""
 
 from __future__ import annotations
 
@@ -124,7 +125,8 @@ class Conversations:
     """The Reasoner's thread pool and its continuous-batching scheduler; at most `max_pending` conversations run or
     wait for the engine (more: 429). A conversation's prompt is encoded holding the engine; its tokens then come from
     the scheduler, which decodes every running conversation in one batch (each step holding the engine), admitting
-    new ones and retiring finished ones at every step."""
+    new ones and retiring finished ones at every step. Each of those holds is one short unit of `Worker.exclusive`,
+    which a running video lends between its layers."""
 
     def __init__(self, worker: Worker, max_pending: int):
         self.worker, self.max_pending, self.pending = worker, max_pending, 0

@@ -2,7 +2,8 @@
 
 queued -> in_progress -> completed | failed, or -> cancelling -> cancelled. The worker is the only caller of
 `engine.generate_batch`; everything else talks to it through `submit_many`, `cancel` and `when_done`, so no route
-ever holds the engine (or waits for it) on the event loop."""
+ever holds the engine (or waits for it) on the event loop. Conversations take the engine for short units of work
+(`Worker.exclusive`); a running batch lends it to them between transformer layers (`cosmos3.turns`)."""
 
 from __future__ import annotations
 
@@ -20,9 +21,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from cosmos3.errors import Cancelled, RequestError
 from cosmos3.generation.request import GenerateRequest
+from cosmos3.parallel.offload import OffloadedLayers
 from cosmos3.server.errors import QueueFull, ShuttingDown
+from cosmos3.turns import EngineTurns
 
 logger = logging.getLogger(__name__)
 
@@ -142,8 +147,8 @@ class Worker:
     ):
         self.engine, self.store, self.outputs_dir = engine, store, outputs_dir
         self.max_queue, self.retention_s, self.max_batch, self.scrub = max_queue, retention_s, max_batch, scrub
-        self.engine_lock = threading.Lock()  # the worker's batches and the Reasoner's conversations take turns
-        self.waiting_for_engine = 0  # threads blocked on engine_lock (tests wait for a conversation to queue up)
+        # The worker's batches (long holds) and the Reasoner's units of work (short holds) take turns on the engine.
+        self.turns = EngineTurns(synchronize=device_synchronize(engine))
         self._cond = threading.Condition(threading.RLock())
         self._queue: deque[str] = deque()
         self._running: set[str] = set()
@@ -152,6 +157,16 @@ class Worker:
         self._paused = False
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
+
+    @property
+    def engine_lock(self) -> EngineTurns:
+        """The turns under the name of the lock they replace (`locked()`: a conversation holds the engine now)."""
+        return self.turns
+
+    @property
+    def waiting_for_engine(self) -> int:
+        """Conversation units waiting for the engine (tests wait for a conversation to queue up)."""
+        return self.turns.waiting
 
     # ------------------------------------------------------------------------------------------ life cycle
     def start(self) -> None:
@@ -279,18 +294,11 @@ class Worker:
 
     @contextmanager
     def exclusive(self) -> Iterator[None]:
-        """Hold the engine (for a Reasoner conversation): blocks while a batch runs. Call it in a thread."""
-        with self._cond:
-            self.waiting_for_engine += 1
-        try:
-            self.engine_lock.acquire()
-        finally:
-            with self._cond:
-                self.waiting_for_engine -= 1
-        try:
+        """Hold the engine for one short unit of a conversation (its prompt's encoding, a decode step, an
+        admission). While a batch runs this waits about one transformer layer in a single-process layout (the batch
+        lends the engine between layers), the rest of the batch otherwise (`interleavable`). Call it in a thread."""
+        with self.turns.short():
             yield
-        finally:
-            self.engine_lock.release()
 
     # ------------------------------------------------------------------------------------------ the thread
     def _finish(self, job_id: str, **fields: Any) -> None:
@@ -369,7 +377,7 @@ class Worker:
         requests: list[GenerateRequest] = []
         try:
             requests = [GenerateRequest.from_dict(job.request) for job in batch]
-            with self.engine_lock:
+            with self.turns.long(), yield_points(self.engine, self.turns.yield_point):
                 outcomes = self.engine.generate_batch(requests, [self._on_step(job.id) for job in batch])
         except Exception as exc:  # a failing batch must not take the server down
             logger.exception("jobs %s failed", [job.id for job in batch])
@@ -419,6 +427,53 @@ class Worker:
                 if job.completed_at is not None and job.completed_at < cutoff:
                     shutil.rmtree(self.job_dir(job.id), ignore_errors=True)
                     self.store.delete(job.id)
+
+
+def device_synchronize(engine) -> Callable[[], None] | None:
+    """What the worker runs before it lends the engine: on CUDA, wait for the kernels it has queued (the CPU runs
+    layers ahead of the GPU; a conversation's kernels would otherwise start only after those). None on the CPU."""
+    device = torch.device(getattr(engine, "device", "cpu"))
+    if device.type != "cuda":
+        return None
+    return lambda: torch.cuda.current_stream(device).synchronize()
+
+
+def interleavable(engine) -> bool:
+    """Whether a batch may lend the engine between layers: one process, the layers resident on the device. In a
+    parallel layout the other ranks replay rank 0's calls in order, so a conversation slipped between two layers
+    would be missing from theirs; layerwise offload streams the layers in the order a pass reads them (prefetched
+    on a side stream). Both keep today's turn for the whole batch."""
+    transformer = getattr(engine, "transformer", None)
+    groups = getattr(engine, "groups", None)
+    if transformer is None or (groups is not None and groups.distributed):
+        return False
+    return not isinstance(transformer.layers, OffloadedLayers)
+
+
+def vae_blocks(engine) -> list[torch.nn.Module]:
+    """The VAE's encoder and decoder, called once per latent frame (or tile): a 720p decode takes seconds."""
+    generator = getattr(engine, "generator", None)
+    vae = generator.parts.video.vae if generator is not None else None
+    return [m for m in (getattr(vae, "encoder", None), getattr(vae, "decoder", None)) if isinstance(m, torch.nn.Module)]
+
+
+@contextmanager
+def yield_points(engine, yield_point: Callable[[], None]) -> Iterator[bool]:
+    """For one batch: `yield_point()` after every transformer layer (prompt caches and denoising passes) and every
+    VAE encoder / decoder call, where the engine allows it (`interleavable`); yields whether it does. The calls
+    change no number of the batch: a conversation runs only while the batch waits."""
+    if not interleavable(engine):
+        yield False
+        return
+    transformer = engine.transformer
+    transformer.between_layers = yield_point
+    handles = [block.register_forward_hook(lambda *_: yield_point()) for block in vae_blocks(engine)]
+    try:
+        yield True
+    finally:
+        transformer.between_layers = None
+        for handle in handles:
+            handle.remove()
 
 
 def new_id(prefix: str = "video_gen") -> str:
