@@ -128,6 +128,17 @@ class Reasoner:
         """Messages -> a prompt for decoding: chat template, media through the processor and vision tower.
 
         `video_fps` / `video_num_frames` choose how the processor samples video frames (at most one)."""
+        return self.embed(self.tokenize(messages, reasoning, video_fps, video_num_frames))
+
+    def tokenize(
+        self,
+        messages: list[dict],
+        reasoning: bool = False,
+        video_fps: float | None = None,
+        video_num_frames: int | None = None,
+    ) -> Tokenized:
+        """The host's part of `encode` (media read and checked, chat template, the Qwen3-VL processor, position
+        ids): no GPU work, so that a server need not hold the GPU for it."""
         sampling = video_sampling(video_fps, video_num_frames)
         media = None
         if self.vision is not None and self.processor is not None:
@@ -137,8 +148,8 @@ class Reasoner:
         text = chat.apply_chat_template(template, tokenize=False, add_generation_prompt=True)
         if not images and not videos:
             ids = torch.tensor(self.tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
-            return self._text_prompt(ids.to(self.device))
-        return self._vision_prompt(text, images, videos, sampling)
+            return Tokenized(ids, torch.arange(len(ids)).expand(3, -1))
+        return self._process(text, images, videos, sampling)
 
     def _fetch(self, url: str, field: str) -> bytes:
         return fetch_bytes(
@@ -150,11 +161,7 @@ class Reasoner:
             allow_private=self.allow_private,
         )
 
-    def _text_prompt(self, ids: torch.Tensor) -> Prompt:
-        positions = torch.arange(len(ids), device=self.device).expand(3, -1)
-        return Prompt(ids, positions, self.transformer.embed_tokens(ids))
-
-    def _vision_prompt(self, text: str, images: list, videos: list, sampling: dict[str, Any]) -> Prompt:
+    def _process(self, text: str, images: list, videos: list, sampling: dict[str, Any]) -> Tokenized:
         from transformers.video_utils import VideoMetadata
 
         kwargs: dict[str, Any] = {"return_tensors": "pt"}
@@ -175,17 +182,24 @@ class Reasoner:
             raise RequestError(
                 "messages", "<media>", "images and videos the Qwen3-VL processor accepts", str(exc)
             ) from exc
-        ids = batch["input_ids"][0].to(self.device)
         types = batch["mm_token_type_ids"][0].tolist()
         grids = {1: list(batch.get("image_grid_thw", [])), 2: []}
         for thw in batch.get("video_grid_thw", []):  # one grid per temporal patch (frames carry timestamps)
             grids[2].extend([torch.tensor([1, thw[1], thw[2]])] * int(thw[0]))
-        positions = rope_positions(types, grids, self.merge).to(self.device)
+        return Tokenized(batch["input_ids"][0], rope_positions(types, grids, self.merge), batch)
 
+    @torch.inference_mode()
+    def embed(self, tokenized: Tokenized) -> Prompt:
+        """The GPU's part of `encode`: token embeddings, the vision tower's features in place, DeepStack."""
+        ids = tokenized.ids.to(self.device)
+        positions = tokenized.positions.to(self.device)
         embeds = self.transformer.embed_tokens(ids)
-        dtype = self.transformer.dtype
+        batch = tokenized.media
+        if batch is None:
+            return Prompt(ids, positions, embeds)
         visual_mask = torch.zeros(len(ids), dtype=torch.bool, device=self.device)
         deepstack: list[torch.Tensor] | None = None
+        dtype = self.transformer.dtype
         for pixel_key, grid_key, token_id in (
             ("pixel_values", "image_grid_thw", self.image_token_id),
             ("pixel_values_videos", "video_grid_thw", self.video_token_id),
@@ -241,11 +255,21 @@ class Reasoner:
         return self.decode_scheduled(self.prepare(conversations, params, **encode_kwargs), self.scheduler)
 
     def prepare(self, conversations: list[list[dict]], params: Sampling, **encode_kwargs: Any) -> Decode:
-        """Settings resolved, prompts encoded (media through the vision tower), one row per choice."""
+        """Settings resolved, prompts encoded (media through the vision tower), one row per choice: `read` (the
+        host's part, which a server runs without holding the GPU) then `ready` (the GPU's)."""
+        return self.ready(self.read(conversations, params, **encode_kwargs))
+
+    def read(self, conversations: list[list[dict]], params: Sampling, **encode_kwargs: Any) -> Request:
+        """Settings resolved and checked, the grammar checked, conversations tokenized: no GPU work."""
         reasoning = bool(encode_kwargs.get("reasoning")) or all(asks_for_reasoning(m) for m in conversations)
         params = params.resolved(reasoning).check()
         grammar = self.grammar(params.response_format)
-        prompts = [self.encode(m, **encode_kwargs) for m in conversations]
+        return Request(params, grammar, [self.tokenize(m, **encode_kwargs) for m in conversations])
+
+    def ready(self, request: Request) -> Decode:
+        """A read request's prompts embedded (the vision tower runs here), one row per choice."""
+        params, grammar = request.params, request.grammar
+        prompts = [self.embed(t) for t in request.conversations]
         rows = [
             Row((params.seed + i) % 2**63, self.matcher(grammar) if grammar else None)
             for _ in prompts
@@ -339,6 +363,25 @@ class Reasoner:
     def logprob_entry(self, token: int, logprob: float) -> dict:
         raw = self.token_bytes(token)
         return {"token": raw.decode("utf-8", errors="replace"), "logprob": logprob, "bytes": list(raw)}
+
+
+@dataclass
+class Tokenized:
+    """A conversation read and tokenized on the host (`Reasoner.tokenize`): ids `[L]`, mRoPE position ids
+    `[3, L]`, and with images or videos the processor's output (pixels and grids)."""
+
+    ids: torch.Tensor
+    positions: torch.Tensor
+    media: Any = None
+
+
+@dataclass
+class Request:
+    """A request read on the host (`Reasoner.read`): resolved settings, its grammar, its tokenized conversations."""
+
+    params: Sampling
+    grammar: str | None
+    conversations: list[Tokenized]
 
 
 @dataclass

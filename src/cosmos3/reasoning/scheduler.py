@@ -356,6 +356,11 @@ class Scheduler:
         write column, and make its first token's logits the row's."""
         length, slot = job.prompt_len, job.slot
         self.reserve(slot + 1, length + 1)
+        if not any(j is not None and j.joined for j in self.jobs):
+            # Alone in the ring: its keys from column 0 in order, as a cache of its own holds them, so that a lone
+            # request attends in the same order (the same rounding in bf16) as the static path and transformers.
+            self.column = length
+            self.at.fill_(length)
         columns = torch.arange(self.column - length, self.column, device=self.device) % self.ring.width
         self.ring.k[:, slot].index_copy_(1, columns, k)
         self.ring.v[:, slot].index_copy_(1, columns, v)
