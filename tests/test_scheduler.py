@@ -5,6 +5,7 @@ sampler draws what `torch.multinomial` draws, the ring cache wraps and grows, an
 from __future__ import annotations
 
 import queue
+import threading
 
 import numpy as np
 import pytest
@@ -256,3 +257,34 @@ def test_slots_are_bounded(engine):
     reasoner = engine.reasoner
     with pytest.raises(ValueError, match="slots"):
         Scheduler(reasoner.transformer, reasoner.eos_token_ids, slots=MAX_SLOTS + 1)
+
+
+def test_seeded_choices_and_logprobs_equal_the_static_path(engine):
+    reasoner = engine.reasoner
+    messages = [{"role": "user", "content": "Describe a kitchen."}]
+    params = Sampling(max_tokens=10, temperature=1.0, top_k=8, seed=5, n=3, logprobs=True, top_logprobs=2).check()
+    replies = reasoner.complete([messages], params)
+    prompt = reasoner.encode(messages)
+    rows = [Row(5 + i) for i in range(3)]
+    steps = list(token_stream(reasoner.transformer, [prompt] * 3, params, reasoner.eos_token_ids, rows))
+    for i, reply in enumerate(replies):
+        tokens = [step[i] for step in steps if step[i] is not None]
+        assert reply.text == reasoner.tokenizer.decode([t.id for t in tokens], skip_special_tokens=True), i
+        assert [e["logprob"] for e in reply.logprobs] == pytest.approx([t.logprob for t in tokens], abs=1e-5)
+        assert [len(e["top_logprobs"]) for e in reply.logprobs] == [2] * len(tokens)
+
+
+def test_callers_in_several_threads_share_the_python_apis_batch(engine):
+    conversations = ["hi", "Name a colour.", "Count to three.", "What falls?"]
+    singles = [engine.reason(c, max_tokens=12, **GREEDY) for c in conversations]
+    results: dict[int, str] = {}
+
+    def ask(i: int) -> None:
+        results[i] = engine.reason(conversations[i], max_tokens=12, **GREEDY)
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(conversations))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert [results[i] for i in range(len(conversations))] == singles

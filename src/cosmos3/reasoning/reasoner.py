@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import queue
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -101,14 +102,16 @@ class Reasoner:
         self._guidance_tokenizer = None
         self._token_bytes: dict[int, bytes] = {}
         self._scheduler: Scheduler | None = None
+        self._scheduler_made = threading.Lock()
 
     @property
     def scheduler(self) -> Scheduler:
         """The continuous-batching scheduler the Python API decodes with (made at first use, kept with its cache
         and CUDA graphs). Without a thread of its own, its steps run in the callers that wait for tokens, so that
         every rank of a parallel layout runs the same steps in the same order."""
-        if self._scheduler is None:
-            self._scheduler = Scheduler(self.transformer, self.eos_token_ids, slots=MAX_SLOTS, threaded=False)
+        with self._scheduler_made:
+            if self._scheduler is None:
+                self._scheduler = Scheduler(self.transformer, self.eos_token_ids, slots=MAX_SLOTS, threaded=False)
         self._scheduler.eos = set(self.eos_token_ids)  # a caller may change them (the benchmark decodes past them)
         return self._scheduler
 
