@@ -194,7 +194,7 @@ def test_the_ring_grows_when_a_sequence_outgrows_it_and_wraps_in_place(engine):
     reasoner = engine.reasoner
     scheduler = Scheduler(reasoner.transformer, reasoner.eos_token_ids, slots=2, columns=20, threaded=False)
     long, short = text_prompt(engine, "Tell a long story."), text_prompt(engine, "hi")
-    params = [Sampling(max_tokens=70, **GREEDY).check(), Sampling(max_tokens=6, **GREEDY).check()]
+    params = [Sampling(max_tokens=n, **GREEDY).check() for n in (70, 7, 12)]
     out: queue.Queue = queue.Queue()
     # A sequence longer than the first ring: the ring is reallocated (the others' columns kept) ...
     scheduler.submit(long, params[0], Row(0), out, 0)
@@ -204,24 +204,28 @@ def test_the_ring_grows_when_a_sequence_outgrows_it_and_wraps_in_place(engine):
         scheduler.step()
         rings.add(id(scheduler.ring))
     assert len(rings) >= 2
-    # ... then short ones come and go, two at a time, until the write column has gone round the same buffers.
-    ring, wrapped, index = scheduler.ring, False, 2
+    max_width = scheduler.ring.width
+    # ... then short ones come and go, two at a time, until the write column has gone round the same buffers (the
+    # first of them, alone, starts a narrower ring: the wide one would make every step attend over unused columns).
+    ring, wrapped, index = None, False, 2
     for _ in range(400):
         while scheduler.active + len(scheduler.queued) + scheduler.waiting.qsize() < 2:
-            scheduler.submit(short, params[1], Row(0), out, index)
+            scheduler.submit(short, params[1 + index % 2], Row(0), out, index)  # 7 or 12 tokens: they overlap
             index += 1
         column = scheduler.column
         scheduler.step()
-        wrapped = wrapped or scheduler.column < column
+        ring = ring or scheduler.ring
+        wrapped = wrapped or (scheduler.ring is ring and column == ring.width - 1 and scheduler.column == 0)
         if wrapped and index > 20:
             break
     assert wrapped and scheduler.ring is ring
+    assert ring.width < max_width  # narrower than the ring the long sequence needed
     run_all(scheduler)
     got = drain(out)
-    expected_short = alone(engine, short, params[1])
+    expected = {n: alone(engine, short, params[n]) for n in (1, 2)}
     assert [t.id for t in got[0]] == alone(engine, long, params[0])
     for i in range(1, index):
-        assert [t.id for t in got[i]] == expected_short, i
+        assert [t.id for t in got[i]] == expected[1 if i == 1 else 1 + i % 2], i
 
 
 def test_a_failing_prefill_fails_only_its_job(engine):

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from cosmos3.model.transformer import Cosmos3Transformer, KVCache
-from cosmos3.reasoning.decoding import Batch, Prompt, Row, Sampler, Sampling, graphable, prefill
+from cosmos3.reasoning.decoding import Batch, Prompt, Row, Sampler, Sampling, Token, graphable, prefill
 
 END = object()  # the last item of a request's queue
 
@@ -99,7 +99,9 @@ class Rows:
     def __init__(self, ring: Ring, size: int):
         self.k, self.v = ring.k[:, :size], ring.v[:, :size]
 
-    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, at: torch.Tensor):
+    def write(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor, at: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         self.k[layer].index_copy_(1, at, k)
         self.v[layer].index_copy_(1, at, v)
         return self.k[layer], self.v[layer]
@@ -170,7 +172,7 @@ class Scheduler:
             self.wake.notify()
         return job
 
-    def next(self, out: queue.Queue):
+    def next(self, out: queue.Queue) -> tuple[int, Token | object]:
         """The next item of a job's queue; without a thread of its own the scheduler steps until one arrives."""
         if self.threaded:
             return out.get()
@@ -255,7 +257,7 @@ class Scheduler:
         for job, token in zip(live, self.sampler.tokens(host, [j.slot for j in live]), strict=True):
             self.hand_out(job, token)
 
-    def hand_out(self, job: Job, token) -> None:
+    def hand_out(self, job: Job, token: Token) -> None:
         job.generated += 1
         if token.id in self.eos:
             job.row.finish_reason = "stop"
@@ -355,10 +357,14 @@ class Scheduler:
         """Copy a prefilled prompt's keys and values `[layers, L, ...]` into its row, on the arc that ends at the
         write column, and make its first token's logits the row's."""
         length, slot = job.prompt_len, job.slot
+        alone = not any(j is not None and j.joined for j in self.jobs)
+        if alone and self.ring is not None and self.ring.width > 2 * (length + 1 + self.margin):
+            # A ring grown for an earlier, longer sequence: every step attends over all its columns, so start anew.
+            self.ring, self.graphs, self.pool = None, {}, None
         self.reserve(slot + 1, length + 1)
-        if not any(j is not None and j.joined for j in self.jobs):
-            # Alone in the ring: its keys from column 0 in order, as a cache of its own holds them, so that a lone
-            # request attends in the same order (the same rounding in bf16) as the static path and transformers.
+        if alone:
+            # Its keys from column 0 in order, as a cache of its own holds them, so that a lone request attends in
+            # the same order (the same rounding in bf16) as the static path and transformers.
             self.column = length
             self.at.fill_(length)
         columns = torch.arange(self.column - length, self.column, device=self.device) % self.ring.width
