@@ -3,7 +3,8 @@
 Ray starts one engine actor per GPU group (a group of G GPUs runs one parallel layout), the driver streams entries
 to whichever actor is free, and every finished entry is written at once (its outputs, and a manifest row), so a run
 that stops — Ctrl-C, a crash, a lost node — loses nothing that finished, and the same command resumes it.
-Entries are Framework spec objects (`cosmos3 generate --spec`'s), resolved by the Framework dialect.
+Entries are Framework spec objects (`cosmos3 generate --spec`'s), resolved by the Framework dialect; a
+`model_mode: "reasoner"` entry writes `<name>/reasoner_text.txt` (and its sidecar) instead of `vision.*`.
 """
 
 from __future__ import annotations
@@ -66,16 +67,21 @@ class EngineWorker:
         self.engine = cosmos3.load(model, **options)
 
     def run(self, name: str, spec: dict[str, Any], output_dir: str) -> dict[str, Any]:
-        from cosmos3.generation.request import GenerateRequest
+        from cosmos3.reason_request import REASONER_OUTPUT, ReasonRequest, reason, request_from_entry
 
         start = time.perf_counter()
         try:
-            req = self.engine.request(GenerateRequest.from_dict(spec, "framework"))
-            result = self.engine.generate(req, progress=False)
+            req = request_from_entry(spec, "framework")
+            if isinstance(req, ReasonRequest):  # model_mode "reasoner": text, on an engine with the reasoner surface
+                req = req.resolved()
+                result, output = reason(self.engine, req), REASONER_OUTPUT
+            else:
+                req = self.engine.request(req)
+                result = self.engine.generate(req, progress=False)
+                output = "vision.jpg" if result.video.shape[0] == 1 else "vision.mp4"
         except RequestError as exc:  # the entry is invalid: no other actor, and no later run, would do better
             return {"name": name, "status": "invalid", "error": str(exc)}
-        ext = "jpg" if result.video.shape[0] == 1 else "mp4"
-        paths = result.save(Path(output_dir) / name / f"vision.{ext}")
+        paths = result.save(Path(output_dir) / name / output)
         return {
             "name": name,
             "status": "done",

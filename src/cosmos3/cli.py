@@ -14,6 +14,7 @@ from typing import Any
 from cosmos3.errors import RequestError
 from cosmos3.generation.dialects import MODES, dialect
 from cosmos3.generation.request import GenerateRequest
+from cosmos3.reason_request import REASONER_OUTPUT, ReasonRequest, is_reasoner_entry, reason, request_from_entry
 
 
 def _int_list(text: str) -> list[int]:
@@ -76,7 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--spec",
         help="Framework inference entries: a JSON object or list, JSONL, or `cosmos3 upsample` output "
-        "(vision_path, action_path, action_stats relative to it); a failing entry does not stop the others",
+        "(vision_path, action_path, action_stats relative to it); model_mode reasoner entries write "
+        "<name>/reasoner_text.txt; a failing entry does not stop the others",
     )
     g.add_argument("--output", help="output file (.mp4, .jpg, .png); default outputs/<mode>.<ext>")
     g.add_argument("--output-dir", default="outputs", help="where --spec runs write <name>/vision.* (default outputs)")
@@ -174,7 +176,11 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("batch", help="spec entries over GPUs and machines, on Ray; resumable")
     add_model_args(b)
     b.add_argument("spec", help="a JSON object or list, JSONL, or `cosmos3 upsample` output")
-    b.add_argument("--output-dir", required=True, help="<name>/vision.* per entry, and manifest.jsonl")
+    b.add_argument(
+        "--output-dir",
+        required=True,
+        help="<name>/vision.* (reasoner: reasoner_text.txt) per entry, and manifest.jsonl",
+    )
     b.add_argument("--workers", type=int, default=1, help="engine actors (default 1)")
     b.add_argument("--gpus-per-worker", type=int, help="GPUs per actor (default: the parallel layout's, 0 on CPU)")
     b.add_argument("--address", help="a Ray cluster: auto or ray://host:port (default: a local Ray started here)")
@@ -318,12 +324,16 @@ class Job:
 
     label: str
     output: Path
-    request: GenerateRequest | None
+    request: GenerateRequest | ReasonRequest | None
     error: str | None = None  # set when the entry failed
     status: str = "pending"  # then written, skipped or failed
 
     def fail(self, message: str) -> None:
         self.error, self.status = message, "failed"
+
+
+# The generate flags a reasoner entry takes (ReasonRequest's fields); a flag's image/video replace its vision_path.
+REASONER_FLAGS = ("prompt", "seed", "image", "video")
 
 
 def spec_entries(spec_path: Path, flags: dict[str, Any]) -> list[tuple[str, dict[str, Any] | RequestError]]:
@@ -343,14 +353,20 @@ def spec_entries(spec_path: Path, flags: dict[str, Any]) -> list[tuple[str, dict
                 raise RequestError(f"spec[{i}]", entry, "a JSON object")
             if is_structured_prompt(entry):
                 entry = prompt_entry(entry)
-            entry = {k: v for k, v in entry.items() if aliases.get(k) not in flags}
-            if "image" in flags or "video" in flags:
+            # A reasoner entry takes the flags it has fields for (the prompt, seed and media); the Generator's
+            # flags of a mixed run (--num-steps ...) are not its. --mode names a Generator mode: it wins, as the
+            # Framework's --model-mode does for every sample.
+            reasoner = "mode" not in flags and is_reasoner_entry(entry)
+            used = {k: v for k, v in flags.items() if not reasoner or k in REASONER_FLAGS}
+            entry = {k: v for k, v in entry.items() if aliases.get(k) not in used}
+            if "image" in used or "video" in used:
                 entry.pop("vision_path", None)
             for key in ("vision_path", "action_path", "action_stats"):  # the entry's paths, not the flags'
                 value = entry.get(key)
-                if isinstance(value, str) and not Path(value).is_absolute() and "://" not in value:
+                remote = not isinstance(value, str) or "://" in value or value.startswith("data:")
+                if not remote and not Path(value).is_absolute():
                     entry[key] = str(spec_path.parent / value)
-            entry = {**entry, **flags}
+            entry = {**entry, **used}
             out.append((str(entry.get("name") or label), entry))
         except RequestError as exc:
             out.append((label, exc))
@@ -374,13 +390,23 @@ def jobs_from_args(args: argparse.Namespace) -> list[Job]:
         try:
             if isinstance(entry, RequestError):
                 raise entry
-            req = GenerateRequest.from_dict(entry, "framework")
+            req = request_from_entry(entry, "framework")
         except RequestError as exc:
             jobs.append(Job(label, Path(args.output_dir) / label, None, f"{exc}", "failed"))
             continue
-        ext = "jpg" if req.mode == "text2image" else "mp4"
-        jobs.append(Job(label, Path(args.output_dir) / label / f"vision.{ext}", req))
+        jobs.append(Job(label, Path(args.output_dir) / label / entry_output(req), req))
     return jobs
+
+
+def entry_output(req: GenerateRequest | ReasonRequest) -> str:
+    """The file an entry writes in its folder, as the Framework names it."""
+    if isinstance(req, ReasonRequest):
+        return REASONER_OUTPUT
+    return "vision.jpg" if req.mode == "text2image" else "vision.mp4"
+
+
+def _surface(req: GenerateRequest | ReasonRequest) -> str:
+    return "reasoner" if isinstance(req, ReasonRequest) else "generator"
 
 
 def _guardrails(args: argparse.Namespace):
@@ -424,7 +450,18 @@ def cmd_generate(args: argparse.Namespace) -> int:
         if job.error is not None:
             continue
         try:
-            job.request.resolved(defaults)
+            surface = _surface(job.request)
+            if args.surfaces and surface not in args.surfaces:
+                raise RequestError(
+                    "model_mode",
+                    job.request.mode,
+                    f"a mode of the surfaces this run loads (--surfaces {','.join(args.surfaces)})",
+                    f"needs the {surface} surface",
+                )
+            if surface == "reasoner":
+                job.request.resolved()
+            else:
+                job.request.resolved(defaults)
             if job.output in owners:
                 raise RequestError("name", job.label, "a distinct name for every entry", f"writes {job.output} too")
             owners[job.output] = job.label
@@ -435,7 +472,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
                 raise
             job.fail(str(exc))
     todo = [job for job in jobs if job.error is None]
-    engine = load(args.model, **_engine_options(args, guardrails=_guardrails(args))) if todo else None
+    options = _engine_options(args, guardrails=_guardrails(args))
+    if todo and not args.surfaces and all(_surface(job.request) == "reasoner" for job in todo):
+        options["surfaces"] = ["reasoner"]  # only reasoner entries: no generation pathway, VAE or audio codec
+    engine = load(args.model, **options) if todo else None
     bar = tqdm(todo, desc="entries", unit="entry", disable=not (batch and todo))
     for job in bar:
         try:
@@ -472,11 +512,15 @@ def _check_free(paths: list[Path], why: str = "") -> None:
 
 
 def _make(engine, job: Job, args: argparse.Namespace, write: Callable[[str], None]) -> str:
-    """Resolve the job's request once, skip it if --resume finds it complete, else generate and save it."""
+    """Resolve the job's request once, skip it if --resume finds it complete, else generate (or reason) and save."""
     from cosmos3.generation.result import is_complete, output_paths, read_sidecar, request_json, request_key
 
-    resolved = engine.request(job.request)
-    key = request_key(resolved)
+    if isinstance(job.request, ReasonRequest):
+        resolved = job.request.resolved()
+        key = resolved.key()
+    else:
+        resolved = engine.request(job.request)
+        key = request_key(resolved)
     if args.resume and is_complete(job.output, key):
         write(f"skipped {job.output}: complete for this request")
         return "skipped"
@@ -486,11 +530,16 @@ def _make(engine, job: Job, args: argparse.Namespace, write: Callable[[str], Non
             _check_free([job.output], ", with no sidecar, so it is not known to be this request's")
         elif sidecar.get("request_sha256") != key:
             _check_free(output_paths(job.output, resolved.mode), ", made for a different request")
-    result = engine.generate(resolved)  # the engine records what made the result, for its sidecar
+    if isinstance(resolved, ReasonRequest):
+        result = reason(engine, resolved)
+        arguments = resolved.as_json()
+    else:
+        result = engine.generate(resolved)  # the engine records what made the result, for its sidecar
+        arguments = request_json(resolved)
     for path in result.save(job.output):
         write(f"wrote {path}")
     if args.spec:  # the Framework's record of an entry's arguments, beside its outputs
-        (job.output.parent / "sample_args.json").write_text(json.dumps(request_json(resolved)))
+        (job.output.parent / "sample_args.json").write_text(json.dumps(arguments))
     return "written"
 
 
@@ -658,6 +707,8 @@ def cmd_batch(args: argparse.Namespace) -> int:
         else:
             entries.append(batch.Entry(name, entry))
     options = _engine_options(args, guardrails=_guardrails(args))
+    if entries and not args.surfaces and all(is_reasoner_entry(e.spec) for e in entries):
+        options["surfaces"] = ["reasoner"]  # only reasoner entries: the actors load no generation pathway
     gpus = args.gpus_per_worker
     if gpus is None:  # one actor per parallel layout, on GPUs when the driver sees any
         import torch

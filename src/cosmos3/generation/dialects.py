@@ -20,9 +20,14 @@ VIDEO_MODES = ("text2video", "image2video", "video2video")
 VISION_MODES = ("text2image",) + VIDEO_MODES
 ACTION_MODES = ("policy", "forward_dynamics", "inverse_dynamics")
 MODES = VISION_MODES + ACTION_MODES
+# The Framework's (and /predict's) model_mode for the Reasoner: an entry that asks for text, not a Generator mode
+# (`cosmos3.reason_request.ReasonRequest`, not `GenerateRequest`).
+REASONER_MODE = "reasoner"
 
 # The Framework renamed `policy` to `wam` on 2026-07-28; the hosted examples and vLLM-Omni still say `policy`.
 MODE_ALIASES = {"wam": "policy"}
+# The Framework's Reasoner sample fields (F 4.2) -> ReasonRequest's names (the Python API's / OpenAI's).
+REASONER_ALIASES = {"model_mode": "mode", "max_new_tokens": "max_tokens"}
 
 
 @dataclass(frozen=True)
@@ -41,6 +46,8 @@ class Dialect:
 
 
 def family(mode: str) -> str:
+    if mode == REASONER_MODE:
+        return "reasoner"
     return "image" if mode == "text2image" else "action" if mode in ACTION_MODES else "video"
 
 
@@ -79,6 +86,17 @@ FRAMEWORK_DEFAULTS: dict[str, dict[str, Any]] = {
     "image": {"num_steps": 50, "guidance": 4.0, "shift": 3.0, "aspect_ratio": "1,1"},
     "video": {"num_steps": 35, "guidance": 6.0, "shift": 10.0, "num_frames": 189},
     "action": {"num_steps": 30, "guidance": 1.0, "shift": 10.0, "resolution": "256"},
+    # F 4.2 / 4.3's reasoner row: max_new_tokens 1024, do_sample false (greedy), temperature 1.0 when sampling,
+    # repetition penalty 1.0, presence penalty 0.0. Read alone (not on top of "all"): a ReasonRequest has none of
+    # the Generator's fields. Dialects without this row (Python) take the documents' chat settings (decoding.py).
+    "reasoner": {
+        "max_tokens": 1024,
+        "do_sample": False,
+        "temperature": 1.0,
+        "repetition_penalty": 1.0,
+        "presence_penalty": 0.0,
+        "seed": 0,
+    },
 }
 
 DIALECTS: dict[str, Dialect] = {

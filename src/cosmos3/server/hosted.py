@@ -1,4 +1,10 @@
-"""The hosted dialect: `POST /predict` with `model_mode`, Framework field names, base64 media in the reply."""
+"""The hosted dialect: `POST /predict` with `model_mode`, Framework field names, base64 media in the reply.
+
+`model_mode: "reasoner"` asks the Reasoner instead (`cosmos3.reason_request.ReasonRequest`, the spec files' reasoner
+entry): a prompt, an optional image or video `vision_path`, the Framework's decoding fields; the reply is the text
+(`text`, and `sample_outputs.outputs[0].content.reasoner_text` as the Framework's SampleOutputs put it). It is
+decoded through the chat route's `Conversations` (its pool, continuous batching and bound on waiting
+conversations), so it never blocks the event loop and shares the engine with generation jobs as chats do."""
 
 from __future__ import annotations
 
@@ -12,10 +18,14 @@ from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, ConfigDict, Field
 
-from cosmos3.generation.dialects import ACTION_MODES
+from cosmos3.errors import RequestError
+from cosmos3.generation.dialects import ACTION_MODES, REASONER_MODE
+from cosmos3.media import probe_media
+from cosmos3.reason_request import ReasonRequest, media_error
 from cosmos3.server.errors import APIError
 from cosmos3.server.inputs import fetch, store_file, store_media
 from cosmos3.server.jobs import Job, new_id
+from cosmos3.server.settings import Settings
 from cosmos3.server.state import ServerState, state
 from cosmos3.server.submit import read_output, resolve, wait_for_jobs
 from cosmos3.server.wire import Text
@@ -23,8 +33,28 @@ from cosmos3.server.wire import Text
 router = APIRouter()
 
 Mode = Literal[
-    "text2image", "text2video", "image2video", "video2video", "forward_dynamics", "inverse_dynamics", "policy", "wam"
+    "text2image",
+    "text2video",
+    "image2video",
+    "video2video",
+    "forward_dynamics",
+    "inverse_dynamics",
+    "policy",
+    "wam",
+    "reasoner",
 ]
+# The body fields only model_mode "reasoner" takes (a Generator request that sends one is a 400 naming it).
+REASONER_FIELDS = (
+    "max_tokens",
+    "max_new_tokens",
+    "do_sample",
+    "temperature",
+    "top_p",
+    "top_k",
+    "repetition_penalty",
+    "presence_penalty",
+    "video_fps",
+)
 
 
 class PredictRequest(BaseModel):
@@ -50,6 +80,16 @@ class PredictRequest(BaseModel):
     view_point: str | None = None
     enable_sound: bool | None = None
     use_system_prompt: bool | None = None
+    # model_mode "reasoner" only; unset: the Framework's greedy decoding of up to 1024 tokens.
+    max_tokens: int | None = None
+    max_new_tokens: int | None = Field(None, description="the Framework's name of max_tokens")
+    do_sample: bool | None = Field(None, description="unset: true when temperature, top_p or top_k is sent")
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    repetition_penalty: float | None = None
+    presence_penalty: float | None = None
+    video_fps: float | None = Field(None, description="video frames the Reasoner samples per second (default 2)")
 
 
 class SampleOutput(BaseModel):
@@ -65,16 +105,23 @@ class SampleOutputs(BaseModel):
 class PredictResponse(BaseModel):
     name: str
     model_mode: str
-    format: str
-    data: str  # base64 of the JPEG or MP4
+    format: str | None = None  # jpg or mp4 (Generator modes)
+    data: str | None = None  # base64 of the JPEG or MP4 (Generator modes)
+    text: str | None = None  # the Reasoner's reply (model_mode reasoner)
     seed: int
     sample_outputs: SampleOutputs | None = None
 
 
 @router.post("/predict", response_model=PredictResponse, response_model_exclude_none=True)
 async def predict(body: PredictRequest, request: Request):
-    """One synchronous call for all six modes; closing the connection cancels the job."""
+    """One synchronous call for all six Generator modes and the Reasoner; closing the connection cancels a
+    Generator job."""
     server = state(request)
+    if body.model_mode == REASONER_MODE:
+        return await predict_reasoner(body, request, server)
+    sent = [name for name in REASONER_FIELDS if name in body.model_fields_set]
+    if sent:
+        raise APIError(400, f"{sent[0]} is a Reasoner field; model_mode {body.model_mode} does not take it", sent[0])
     job = await server.blocking(queue_predict, server, body)
     (done,) = await wait_for_jobs(request, server, [job])
     data = await run_in_threadpool(read_output, done)
@@ -155,3 +202,57 @@ def queue_predict(server: ServerState, body: PredictRequest) -> Job:
     except BaseException:
         shutil.rmtree(server.worker.job_dir(job_id), ignore_errors=True)
         raise
+
+
+async def predict_reasoner(body: PredictRequest, request: Request, server: ServerState) -> PredictResponse:
+    """The Reasoner's reply to one /predict body. `vision_path` is read as the Generator modes read it (a URL,
+    data URI or allow-listed path, within the operator's upload and input limits, in the inputs pool) and handed
+    on as a data URI of the same bytes, so the Reasoner decodes what the client sent, within the chat route's media
+    limits (`cosmos3.reasoning.messages`)."""
+    engine, settings = server.engine, server.settings
+    if engine.reasoner is None:
+        raise APIError(400, "this server was started without the Reasoner", "model_mode")
+    fields: dict[str, Any] = {name: getattr(body, name) for name in body.model_fields_set if name != "vision_path"}
+    if body.vision_path:
+        fields.update(await server.blocking(_vision_part, body.vision_path, settings))
+    try:
+        req = ReasonRequest.from_dict(fields, "hosted").resolved()
+        settings.limits.check_tokens(req.max_tokens)
+    except RequestError as exc:  # named as the client sent it (the Framework's max_new_tokens, say)
+        field = "max_new_tokens" if exc.field == "max_tokens" and "max_new_tokens" in fields else exc.field
+        raise APIError(400, settings.scrub(str(exc).replace(exc.field, field, 1)), field) from exc
+    if len(req.prompt) > settings.limits.max_chat_chars:
+        raise APIError(
+            400,
+            f"prompt holds {len(req.prompt)} characters; this server accepts {settings.limits.max_chat_chars}",
+            "prompt",
+        )
+    conversations = request.app.state.conversations
+    sampling, encode = req.sampling()
+    try:
+        (reply,) = await conversations.complete(engine.reasoner, req.messages(), sampling, encode)
+    except RequestError as exc:
+        raise media_error(exc) from exc
+    output = SampleOutput(content={"reasoner_text": reply.text}, files=[])
+    return PredictResponse(
+        name=body.name or f"sample_{uuid.uuid4().hex[:8]}",
+        model_mode=REASONER_MODE,
+        text=reply.text,
+        seed=req.seed,
+        sample_outputs=SampleOutputs(status="success", outputs=[output]),
+    )
+
+
+def _vision_part(vision_path: str, settings: Settings) -> dict[str, str]:
+    """{"image" | "video": data URI} of a /predict vision_path: fetched, and what it holds decided from its bytes
+    (within the operator's pixel, frame and duration limits) rather than from a name a URL may not have."""
+    data = fetch(vision_path, "vision_path", settings)
+    limits = settings.limits
+    info = probe_media(
+        data,
+        "vision_path",
+        max_pixels=limits.max_input_pixels,
+        max_frames=limits.max_input_frames,
+        max_seconds=limits.max_input_seconds,
+    )
+    return {info.kind: f"data:{info.kind}/*;base64,{base64.b64encode(data).decode()}"}
