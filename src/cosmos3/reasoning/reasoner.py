@@ -103,6 +103,7 @@ class Reasoner:
         self._token_bytes: dict[int, bytes] = {}
         self._scheduler: Scheduler | None = None
         self._scheduler_made = threading.Lock()
+        self._tokenizing = threading.Lock()
 
     @property
     def scheduler(self) -> Scheduler:
@@ -148,11 +149,14 @@ class Reasoner:
             media = MediaReader(self._fetch, sampling.get("num_frames"))
         template, images, videos = template_messages(messages, reasoning, media)
         chat = self.processor if self.processor is not None else self.tokenizer
-        text = chat.apply_chat_template(template, tokenize=False, add_generation_prompt=True)
-        if not images and not videos:
-            ids = torch.tensor(self.tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
-            return Tokenized(ids, torch.arange(len(ids)).expand(3, -1))
-        return self._process(text, images, videos, sampling)
+        # One call at a time: a fast tokenizer sets its padding and truncation on each call, and two threads doing
+        # so at once fail ("Already borrowed", huggingface/tokenizers#537).
+        with self._tokenizing:
+            text = chat.apply_chat_template(template, tokenize=False, add_generation_prompt=True)
+            if not images and not videos:
+                ids = torch.tensor(self.tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+                return Tokenized(ids, torch.arange(len(ids)).expand(3, -1))
+            return self._process(text, images, videos, sampling)
 
     def _fetch(self, url: str, field: str) -> bytes:
         return fetch_bytes(
