@@ -9,6 +9,7 @@ and the `tiny-smoke` size.
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Callable, Sequence
 
@@ -176,3 +177,25 @@ def save_rows(rows: list[dict], path: str | None) -> None:
     if path:
         with open(path, "w") as f:
             json.dump(rows, f, indent=2)
+
+
+def environment(device) -> dict[str, str]:
+    """What a table's numbers were measured on: GPU (or cpu), torch and diffusers versions, and the date."""
+    import diffusers
+
+    return {
+        "gpu": gpu_name(device),
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "date": time.strftime("%Y-%m-%d"),
+    }
+
+
+def write_json(data: object, path: str | None) -> None:
+    """Write `data` to `path` (if given) through a temporary file, so that a run killed mid-write keeps the last
+    complete copy: benchmarks that run for minutes call this after every result."""
+    if path:
+        tmp = f"{path}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(data, f, indent=2)
+        os.replace(tmp, path)
