@@ -196,6 +196,10 @@ def add_server_args(s: argparse.ArgumentParser, port: int) -> None:
         "--api-key", help="require 'Authorization: Bearer KEY' (or 'Api-Key KEY') on every route but /health"
     )
     s.add_argument("--max-queue", type=int, default=16, help="queued generations before 429 (default 16)")
+    s.add_argument("--max-num-seqs", type=int, default=64, help="chat sequences decoded together, 1 to 64 (default 64)")
+    s.add_argument(
+        "--max-pending-chats", type=int, default=128, help="chats running or waiting before 429 (default 128)"
+    )
     s.add_argument("--allowed-local-media-path", help="local media paths in requests must lie under this folder")
     s.add_argument("--jobs-db", default="cosmos3-server/jobs.db", help="SQLite job store (survives restarts)")
     s.add_argument("--outputs-dir", default="cosmos3-server/outputs", help="where job inputs and outputs are kept")
@@ -652,7 +656,14 @@ def cmd_upsample(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bounded(name: str, value: int, lo: int, hi: int) -> int:
+    if not lo <= value <= hi:
+        raise RequestError(name, value, f"{lo} to {hi}")
+    return value
+
+
 def _server_settings(args: argparse.Namespace):
+    from cosmos3.reasoning.scheduler import MAX_SLOTS
     from cosmos3.server.limits import Limits
     from cosmos3.server.settings import Settings
 
@@ -669,7 +680,11 @@ def _server_settings(args: argparse.Namespace):
         outputs_dir=Path(args.outputs_dir),
         retention_s=args.retention_hours * 3600,
         max_batch=args.max_batch,
-        limits=Limits(max_upload_bytes=args.max_upload_mb * 2**20),
+        max_num_seqs=_bounded("max_num_seqs", args.max_num_seqs, 1, MAX_SLOTS),
+        limits=Limits(
+            max_upload_bytes=args.max_upload_mb * 2**20,
+            max_pending_chats=_bounded("max_pending_chats", args.max_pending_chats, 1, 4096),
+        ),
     )
 
 

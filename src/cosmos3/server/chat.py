@@ -30,7 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from cosmos3.errors import RequestError
 from cosmos3.reasoning.decoding import MAX_N, MAX_TOP_LOGPROBS, Sampling
 from cosmos3.reasoning.reasoner import replies
-from cosmos3.reasoning.scheduler import Scheduler
+from cosmos3.reasoning.scheduler import MAX_SLOTS, Scheduler
 from cosmos3.server.errors import APIError
 from cosmos3.server.jobs import Worker
 from cosmos3.server.state import ServerState, state
@@ -128,15 +128,18 @@ class Conversations:
     new ones and retiring finished ones at every step. Each of those holds is one short unit of `Worker.exclusive`,
     which a running video lends between its layers."""
 
-    def __init__(self, worker: Worker, max_pending: int):
+    def __init__(self, worker: Worker, max_pending: int, max_num_seqs: int = MAX_SLOTS):
         self.worker, self.max_pending, self.pending = worker, max_pending, 0
+        self.max_num_seqs = max_num_seqs  # the scheduler's rows; a request's n choices take one each
         self.pool = ThreadPoolExecutor(max_workers=max_pending, thread_name_prefix="cosmos3-chat")
         self.scheduler: Scheduler | None = None
         self._lock = threading.Lock()
 
     def admit(self) -> None:
         if self.pending >= self.max_pending:
-            raise APIError(429, f"{self.pending} conversations are running or waiting; retry later", None)
+            # A conversation lasts seconds: a client that retries after one finds a place as soon as one ends.
+            message = f"{self.pending} conversations are running or waiting; retry later"
+            raise APIError(429, message, None, {"Retry-After": "1"})
         self.pending += 1
 
     def release(self) -> None:
@@ -146,7 +149,7 @@ class Conversations:
         with self._lock:
             if self.scheduler is None or self.scheduler.model is not reasoner.transformer:
                 self.scheduler = Scheduler(
-                    reasoner.transformer, reasoner.eos_token_ids, slots=MAX_N, lock=self.worker.exclusive
+                    reasoner.transformer, reasoner.eos_token_ids, slots=self.max_num_seqs, lock=self.worker.exclusive
                 )
             return self.scheduler
 

@@ -15,6 +15,7 @@ class Settings:
     api_key: str | None = None
     max_queue: int = 16
     max_batch: int = 4  # queued text2image/text2video requests of one shape denoised together
+    max_num_seqs: int = 64  # chat sequences decoded together (vLLM's name; cosmos3.reasoning.scheduler.MAX_SLOTS)
     allowed_local_media_path: Path | None = None  # local paths in requests must resolve under it; None: refused
     allow_private_urls: bool = False  # fetch media from loopback / private / link-local addresses
     jobs_db: Path = Path("cosmos3-server/jobs.db")

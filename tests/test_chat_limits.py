@@ -1,0 +1,44 @@
+"""The chat route's capacity: a full house of conversations is a 429 with Retry-After, and the scheduler decodes as
+many sequences together as `max_num_seqs` (`cosmos3 serve --max-num-seqs`) says."""
+
+from __future__ import annotations
+
+import pytest
+import test_server as base
+from fastapi.testclient import TestClient
+
+from cosmos3.cli import _server_settings, build_parser
+from cosmos3.errors import RequestError
+from cosmos3.server.app import create_app
+
+engine, settings = base.engine, base.settings  # the shared fixtures
+
+CHAT = {"messages": [{"role": "user", "content": "Describe a kitchen."}], "max_tokens": 2}
+
+
+def test_full_chat_house_is_429_with_retry_after(engine, settings):
+    settings.limits.max_pending_chats = 1
+    with TestClient(create_app(engine, settings)) as client:
+        conversations = client.app.state.conversations
+        conversations.admit()  # one conversation holds the only place
+        r = client.post("/v1/chat/completions", json=CHAT)
+        assert r.status_code == 429 and int(r.headers["Retry-After"]) >= 1
+        assert "conversations" in r.json()["error"]["message"]
+        conversations.release()
+        assert client.post("/v1/chat/completions", json=CHAT).status_code == 200
+
+
+def test_max_num_seqs_sizes_the_scheduler(engine, settings):
+    settings.max_num_seqs = 3
+    with TestClient(create_app(engine, settings)) as client:
+        scheduler = client.app.state.conversations.scheduler_for(engine.reasoner)
+        assert scheduler.size == 3
+
+
+def test_serve_flags_reach_the_settings():
+    args = build_parser().parse_args(["serve", "--max-num-seqs", "8", "--max-pending-chats", "20"])
+    s = _server_settings(args)
+    assert s.max_num_seqs == 8 and s.limits.max_pending_chats == 20
+    for flags in (["--max-num-seqs", "65"], ["--max-num-seqs", "0"], ["--max-pending-chats", "0"]):
+        with pytest.raises(RequestError, match=flags[0][2:].replace("-", "_")):
+            _server_settings(build_parser().parse_args(["serve", *flags]))
