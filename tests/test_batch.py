@@ -62,7 +62,7 @@ def test_a_killed_actor_has_its_entry_run_elsewhere(local_ray, tmp_path):
     out = tmp_path / "out"
     # Slower entries, so that the kill lands while both actors are busy.
     specs = [
-        {"model_mode": "text2video", "prompt": f"p{i}", "num_frames": 9, "seed": i, **SMALL, "num_steps": 4}
+        {"model_mode": "text2video", "prompt": f"p{i}", "num_frames": 9, "seed": i, **SMALL, "num_steps": 16}
         for i in range(6)
     ]
     done: list = []

@@ -154,14 +154,14 @@ def test_frequency_penalty_changes_the_reply(client):
 
 def test_the_documents_settings_are_the_defaults(client, engine, monkeypatch):
     seen = []
-    original = engine.reasoner.prepare
+    original = engine.reasoner.read
 
     def spy(conversations, params, **kwargs):
-        decode = original(conversations, params, **kwargs)
-        seen.append(decode.params)  # as resolved for decoding
-        return decode
+        request = original(conversations, params, **kwargs)
+        seen.append(request.params)  # as resolved for decoding
+        return request
 
-    monkeypatch.setattr(engine.reasoner, "prepare", spy)
+    monkeypatch.setattr(engine.reasoner, "read", spy)
     create(client, max_tokens=2)
     think = [{"role": "user", "content": "Is it stable? Answer in <think>...</think> then the answer."}]
     create(client, messages=think, max_tokens=2, stream=True)

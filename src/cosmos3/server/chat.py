@@ -159,8 +159,10 @@ class Conversations:
 
     async def complete(self, reasoner, messages: list[dict], sampling: Sampling, encode: dict):
         def run():
+            # Media reading and tokenizing need no GPU: done before taking a turn, so other streams keep decoding.
+            request = reasoner.read([messages], sampling, **encode)
             with self.worker.exclusive():
-                decode = reasoner.prepare([messages], sampling, **encode)
+                decode = reasoner.ready(request)
             return replies(reasoner.decode_scheduled(decode, self.scheduler_for(reasoner)))
 
         self.admit()
@@ -189,10 +191,11 @@ class Conversations:
 
         def run() -> None:
             try:
+                request = reasoner.read([messages], sampling, **encode)  # no GPU: outside the turns, as above
                 with self.worker.exclusive():
                     if stop.is_set():  # the client went away while the engine was busy
                         return
-                    decode = reasoner.prepare([messages], sampling, **encode)
+                    decode = reasoner.ready(request)
                 deltas = reasoner.decode_scheduled(decode, self.scheduler_for(reasoner))
                 try:
                     for delta in deltas:
