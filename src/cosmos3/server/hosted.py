@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from cosmos3.errors import RequestError
 from cosmos3.generation.dialects import ACTION_MODES, REASONER_MODE
 from cosmos3.media import probe_media
-from cosmos3.reason_request import ReasonRequest, media_error
+from cosmos3.reason_request import SAMPLING_FIELDS, ReasonRequest, media_error
 from cosmos3.server.errors import APIError
 from cosmos3.server.inputs import fetch, store_file, store_media
 from cosmos3.server.jobs import Job, new_id
@@ -44,17 +44,8 @@ Mode = Literal[
     "reasoner",
 ]
 # The body fields only model_mode "reasoner" takes (a Generator request that sends one is a 400 naming it).
-REASONER_FIELDS = (
-    "max_tokens",
-    "max_new_tokens",
-    "do_sample",
-    "temperature",
-    "top_p",
-    "top_k",
-    "repetition_penalty",
-    "presence_penalty",
-    "video_fps",
-)
+# (`seed` is every mode's; `max_new_tokens` is the Framework's name of max_tokens.)
+REASONER_FIELDS = (*(f for f in SAMPLING_FIELDS if f != "seed"), "max_new_tokens")
 
 
 class PredictRequest(BaseModel):
