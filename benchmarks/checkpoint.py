@@ -29,13 +29,17 @@ from common import SCHEDULE, wan22_vae
 from safetensors.torch import save_file
 
 from cosmos3.config import TransformerConfig, preset
-from cosmos3.loading.tiny import CHAT_TEMPLATE, SPECIAL_TOKENS, tiny_vision_config, vision_token_ids
+from cosmos3.loading.tiny import (
+    CHAT_TEMPLATE,
+    SPECIAL_TOKENS,
+    tiny_vision_config,
+    write_reasoner_config,
+)
 
 MARKER = "serving-checkpoint.json"  # what was written, so that a finished folder can be reused
 SHARD_BYTES = 4 * 2**30
 # Qwen3-VL's vision processor settings, with a video pixel budget that keeps an 8-frame 448x448 clip at full size
 # (784 vision tokens, as benchmarks/reasoner.py feeds it).
-PATCH = dict(patch_size=16, merge_size=2, temporal_patch_size=2, image_mean=[0.5] * 3, image_std=[0.5] * 3)
 IMAGE_SIZE = {"shortest_edge": 65536, "longest_edge": 16777216}
 VIDEO_SIZE = {"shortest_edge": 4096, "longest_edge": 8 * 448 * 448}
 
@@ -196,41 +200,6 @@ def write_shards(tensors: Iterator[tuple[str, torch.Tensor]], folder: Path, shar
     return total
 
 
-def write_reasoner_files(folder: Path, cfg: TransformerConfig, tokenizer, vision: dict) -> None:
-    """Root config.json (transformers `cosmos3_omni`) and the Qwen3-VL image / video processor configs."""
-    from transformers import Qwen2VLImageProcessor
-    from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
-
-    config = {
-        "architectures": ["Cosmos3OmniForConditionalGeneration"],
-        "model_type": "cosmos3_omni",
-        "tie_word_embeddings": False,
-        **vision_token_ids(tokenizer),
-        "text_config": {
-            "model_type": "qwen3_vl_text",
-            "vocab_size": cfg.vocab_size,
-            "hidden_size": cfg.hidden_size,
-            "intermediate_size": cfg.intermediate_size,
-            "num_hidden_layers": cfg.num_hidden_layers,
-            "num_attention_heads": cfg.num_attention_heads,
-            "num_key_value_heads": cfg.num_key_value_heads,
-            "head_dim": cfg.head_dim,
-            "rms_norm_eps": cfg.rms_norm_eps,
-            "hidden_act": cfg.hidden_act,
-            "rope_parameters": {
-                "rope_type": "default",
-                "rope_theta": cfg.rope_theta,
-                "mrope_section": list(cfg.rope_axes_dim),
-                "mrope_interleaved": True,
-            },
-        },
-        "vision_config": vision,
-    }
-    (folder / "config.json").write_text(json.dumps(config, indent=2))
-    Qwen2VLImageProcessor(**PATCH, size=IMAGE_SIZE).save_pretrained(folder)
-    Qwen3VLVideoProcessor(**PATCH, size=VIDEO_SIZE).save_pretrained(folder)
-
-
 def write_serving_checkpoint(
     folder: str | Path, name: str = "nano", device: str | torch.device | None = None, seed: int = 0
 ) -> dict:
@@ -253,7 +222,7 @@ def write_serving_checkpoint(
     tokenizer = full_vocab_tokenizer(cfg.vocab_size)
     tokenizer.save_pretrained(folder / "text_tokenizer")
     vision = vision_config(name, cfg.hidden_size)
-    write_reasoner_files(folder, cfg, tokenizer, vision)
+    write_reasoner_config(folder, cfg, tokenizer, vision, IMAGE_SIZE, VIDEO_SIZE)
 
     gen = torch.Generator(device=device).manual_seed(seed)
     with torch.inference_mode():

@@ -224,8 +224,21 @@ def vision_token_ids(tokenizer) -> dict[str, int]:
     return {key: tokenizer.convert_tokens_to_ids(token) for key, token in names.items()}
 
 
-def write_reasoner_config(folder: Path, cfg: TransformerConfig, tokenizer) -> dict:
-    """Root config.json (transformers `cosmos3_omni`) and Qwen3-VL pre-processor configs with small pixel budgets."""
+# The tiny model's Qwen3-VL pixel budgets: small, so that tests run in seconds.
+TINY_IMAGE_SIZE = {"shortest_edge": 32 * 32 * 4, "longest_edge": 32 * 32 * 64}
+TINY_VIDEO_SIZE = {"shortest_edge": 32 * 32 * 4, "longest_edge": 32 * 32 * 256}
+
+
+def write_reasoner_config(
+    folder: Path,
+    cfg: TransformerConfig,
+    tokenizer,
+    vision_config: dict | None = None,
+    image_size: dict | None = None,
+    video_size: dict | None = None,
+) -> dict:
+    """Root config.json (transformers `cosmos3_omni`) and Qwen3-VL pre-processor configs: by default the tiny
+    vision tower and small pixel budgets; a benchmark passes full-size ones."""
     from transformers import Qwen2VLImageProcessor
     from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
 
@@ -252,17 +265,13 @@ def write_reasoner_config(folder: Path, cfg: TransformerConfig, tokenizer) -> di
                 "mrope_interleaved": True,
             },
         },
-        "vision_config": tiny_vision_config(cfg.hidden_size),
+        "vision_config": vision_config or tiny_vision_config(cfg.hidden_size),
     }
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(json.dumps(config, indent=2))
     processor_args = dict(patch_size=16, merge_size=2, temporal_patch_size=2, image_mean=[0.5] * 3, image_std=[0.5] * 3)
-    Qwen2VLImageProcessor(
-        **processor_args, size={"shortest_edge": 32 * 32 * 4, "longest_edge": 32 * 32 * 64}
-    ).save_pretrained(folder)
-    Qwen3VLVideoProcessor(
-        **processor_args, size={"shortest_edge": 32 * 32 * 4, "longest_edge": 32 * 32 * 256}
-    ).save_pretrained(folder)
+    Qwen2VLImageProcessor(**processor_args, size=image_size or TINY_IMAGE_SIZE).save_pretrained(folder)
+    Qwen3VLVideoProcessor(**processor_args, size=video_size or TINY_VIDEO_SIZE).save_pretrained(folder)
     return config
 
 
