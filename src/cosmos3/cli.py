@@ -216,6 +216,12 @@ def add_server_args(s: argparse.ArgumentParser, port: int) -> None:
         default=4,
         help="queued text2image/text2video requests of one shape denoised together (1: never)",
     )
+    s.add_argument(
+        "--media-io-kwargs",
+        metavar="JSON",
+        help='the Reasoner\'s default video sampling, as in vLLM: {"video": {"num_frames": -1}} (every frame) or '
+        '{"video": {"fps": 4}}; a request\'s own media_io_kwargs win field by field',
+    )
 
 
 FLAG_FIELDS = (
@@ -664,6 +670,7 @@ def _bounded(name: str, value: int, lo: int, hi: int) -> int:
 
 def _server_settings(args: argparse.Namespace):
     from cosmos3.reasoning.scheduler import MAX_SLOTS
+    from cosmos3.server.chat import media_io_default
     from cosmos3.server.limits import Limits
     from cosmos3.server.settings import Settings
 
@@ -681,6 +688,7 @@ def _server_settings(args: argparse.Namespace):
         retention_s=args.retention_hours * 3600,
         max_batch=args.max_batch,
         max_num_seqs=_bounded("max_num_seqs", args.max_num_seqs, 1, MAX_SLOTS),
+        media_io_kwargs=media_io_default(args.media_io_kwargs) if args.media_io_kwargs is not None else None,
         limits=Limits(
             max_upload_bytes=args.max_upload_mb * 2**20,
             max_pending_chats=_bounded("max_pending_chats", args.max_pending_chats, 1, 4096),

@@ -25,10 +25,11 @@ from typing import Any, Literal
 
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from cosmos3.errors import RequestError
 from cosmos3.reasoning.decoding import MAX_N, MAX_TOP_LOGPROBS, Sampling
+from cosmos3.reasoning.messages import video_sampling
 from cosmos3.reasoning.reasoner import replies
 from cosmos3.reasoning.scheduler import MAX_SLOTS, Scheduler
 from cosmos3.server.errors import APIError
@@ -85,7 +86,9 @@ class ChatRequest(BaseModel):
     )
     stream: bool = False
     stream_options: StreamOptions | None = None
-    media_io_kwargs: MediaIO | None = Field(None, description='how video frames are sampled: {"video": {"fps": 4}}')
+    media_io_kwargs: MediaIO | None = Field(
+        None, description='how video frames are sampled: {"video": {"fps": 4}}; over the server\'s --media-io-kwargs'
+    )
     mm_processor_kwargs: ProcessorKwargs | None = Field(None, description="fps / num_frames; wins over media_io_kwargs")
     user: str | None = None
 
@@ -224,8 +227,9 @@ class Conversations:
         return first.result(), pieces, stop
 
 
-def sampling_of(body: ChatRequest) -> tuple[Sampling, dict[str, Any]]:
-    """The request's Sampling; fields left unset stay None, for the Reasoner to give the documents' settings."""
+def sampling_of(body: ChatRequest, default: MediaIO | None = None) -> tuple[Sampling, dict[str, Any]]:
+    """The request's Sampling, fields left unset staying None for the Reasoner to give the documents' settings, and
+    its encode keyword arguments over the server's `default` media_io_kwargs."""
     sampling = Sampling(
         max_tokens=next(
             (v for v in (body.max_completion_tokens, body.max_tokens) if v is not None), Sampling.max_tokens
@@ -243,15 +247,56 @@ def sampling_of(body: ChatRequest) -> tuple[Sampling, dict[str, Any]]:
         top_logprobs=body.top_logprobs or 0,
         response_format=body.response_format,
     )
+    video = body.media_io_kwargs.video if body.media_io_kwargs else None
+    return sampling, video_encode(default, video, body.mm_processor_kwargs)
+
+
+def video_encode(
+    default: MediaIO | None, video: VideoIO | None, processor: ProcessorKwargs | None = None
+) -> dict[str, Any]:
+    """The Reasoner's frame-sampling keyword arguments (`video_fps`, `video_num_frames`) of a request: the server's
+    `--media-io-kwargs` default, then the request's `media_io_kwargs.video` over it field by field (as vLLM merges
+    them), then its `mm_processor_kwargs` over both. The chat route, the playground and `/predict` all come here, so
+    the default is applied one way. The Reasoner checks the result (`messages.video_sampling`, the media limits)."""
+    server = default.video.model_dump(exclude_none=True) if default is not None and default.video is not None else {}
+    asked: dict[str, Any] = {}
+    for source in (video, processor):
+        if source is not None:
+            asked.update(source.model_dump(include={"fps", "num_frames"}, exclude_none=True))
+    # fps and a frame count are two ways of choosing frames (vLLM keeps the fewer; here one is allowed): a request
+    # that picks one drops the server's pick, so that a default num_frames does not make a request's fps a 400.
+    if asked.get("fps") is not None or asked.get("num_frames", -1) != -1:
+        server = {k: v for k, v in server.items() if k not in ("fps", "num_frames")}
+    merged = {**server, **asked}
     encode: dict[str, Any] = {}
-    for source in (body.media_io_kwargs.video if body.media_io_kwargs else None, body.mm_processor_kwargs):
-        if source is None:
-            continue
-        if source.fps is not None:
-            encode["video_fps"] = source.fps
-        if source.num_frames is not None and source.num_frames != -1:
-            encode["video_num_frames"] = source.num_frames
-    return sampling, encode
+    if merged.get("fps") is not None:
+        encode["video_fps"] = merged["fps"]
+    if merged.get("num_frames", -1) != -1:  # -1: every frame is read and the processor samples them (its fps)
+        encode["video_num_frames"] = merged["num_frames"]
+    return encode
+
+
+def media_io_default(text: str, flag: str = "--media-io-kwargs") -> MediaIO:
+    """`cosmos3 serve --media-io-kwargs JSON`, read with the model a request's `media_io_kwargs` is read with and
+    checked as a request's would be, so that a bad default stops the server at startup, not every video chat."""
+    allowed = '{"video": {"fps": F}} or {"video": {"num_frames": N}} as JSON (num_frames -1: every frame)'
+    try:
+        default = MediaIO.model_validate_json(text)
+    except ValidationError as exc:
+        problem = exc.errors()[0]
+        where = ".".join(str(p) for p in problem["loc"])
+        raise RequestError(
+            flag, text, allowed, f"is not allowed ({where + ': ' if where else ''}{problem['msg']})"
+        ) from exc
+    encode = video_encode(default, None)
+    try:
+        video_sampling(encode.get("video_fps"), encode.get("video_num_frames"))
+    except RequestError as exc:
+        allowed = exc.allowed + (", or -1: every frame" if exc.field.endswith("num_frames") else "")
+        raise RequestError(
+            flag, text, allowed, f"is not allowed ({exc.field.removeprefix('media_io_kwargs.')})"
+        ) from exc
+    return default
 
 
 def text_chars(messages: list[dict]) -> int:
@@ -278,7 +323,7 @@ def check(server: ServerState, body: ChatRequest) -> tuple[Any, Sampling, dict[s
         )
     if body.stream_options is not None and not body.stream:
         raise APIError(400, "stream_options is only allowed with stream: true", "stream_options")
-    sampling, encode = sampling_of(body)
+    sampling, encode = sampling_of(body, settings.media_io_kwargs)
     try:
         replace(sampling).check()  # the unset fields stay unset: the Reasoner resolves them per conversation
         settings.limits.check_tokens(sampling.max_tokens)

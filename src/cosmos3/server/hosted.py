@@ -22,6 +22,7 @@ from cosmos3.errors import RequestError
 from cosmos3.generation.dialects import ACTION_MODES, REASONER_MODE
 from cosmos3.media import probe_media
 from cosmos3.reason_request import SAMPLING_FIELDS, ReasonRequest, media_error
+from cosmos3.server.chat import VideoIO, video_encode
 from cosmos3.server.errors import APIError
 from cosmos3.server.inputs import fetch, store_file, store_media
 from cosmos3.server.jobs import Job, new_id
@@ -80,7 +81,9 @@ class PredictRequest(BaseModel):
     top_k: int | None = None
     repetition_penalty: float | None = None
     presence_penalty: float | None = None
-    video_fps: float | None = Field(None, description="video frames the Reasoner samples per second (default 2)")
+    video_fps: float | None = Field(
+        None, description="video frames the Reasoner samples per second (unset: --media-io-kwargs, else 2)"
+    )
 
 
 class SampleOutput(BaseModel):
@@ -220,6 +223,9 @@ async def predict_reasoner(body: PredictRequest, request: Request, server: Serve
         )
     conversations = request.app.state.conversations
     sampling, encode = req.sampling()
+    # The spec files' video_fps is this dialect's media_io_kwargs.video.fps: over the server's default the same way.
+    video = VideoIO(fps=encode.pop("video_fps", None))
+    encode.update(video_encode(settings.media_io_kwargs, video))
     try:
         (reply,) = await conversations.complete(engine.reasoner, req.messages(), sampling, encode)
     except RequestError as exc:

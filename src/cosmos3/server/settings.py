@@ -5,8 +5,12 @@ from __future__ import annotations
 import re
 from dataclasses import InitVar, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cosmos3.server.limits import Limits
+
+if TYPE_CHECKING:  # chat.py imports the server's state, which imports these settings
+    from cosmos3.server.chat import MediaIO
 
 
 @dataclass
@@ -18,6 +22,9 @@ class Settings:
     max_num_seqs: int = 64  # chat sequences decoded together (vLLM's name; cosmos3.reasoning.scheduler.MAX_SLOTS)
     allowed_local_media_path: Path | None = None  # local paths in requests must resolve under it; None: refused
     allow_private_urls: bool = False  # fetch media from loopback / private / link-local addresses
+    # `--media-io-kwargs`: the video sampling a Reasoner request gets where its own media_io_kwargs leave a field
+    # unset (chat.video_encode); None: the processor's own (fps 2)
+    media_io_kwargs: MediaIO | None = None
     jobs_db: Path = Path("cosmos3-server/jobs.db")
     outputs_dir: Path = Path("cosmos3-server/outputs")
     retention_s: float = 24 * 3600.0
