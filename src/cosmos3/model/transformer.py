@@ -109,14 +109,14 @@ class Cosmos3Transformer(nn.Module):
 
     # The generation layer's two elementwise-heavy regions (before and after attention), torch.compiled by
     # `compile_generation_layers`; plain functions otherwise.
-    gen_in = None
-    gen_out = None
+    compiled_gen_in: Callable | None = None
+    compiled_gen_out: Callable | None = None
     compile_min_rows = 0  # passes with fewer generation rows run the plain functions
     # Called after every layer of the prompt cache and the generation pass (the server's worker sets it for a
     # batch, so that a waiting conversation can take the GPU between layers: cosmos3.turns).
     between_layers: Callable[[], None] | None = None
 
-    def compile_generation_layers(self, min_rows: int = 0, backend: str = "inductor") -> None:
+    def compile_generation_layers(self, min_rows: int = 0, backend: str | Callable = "inductor") -> None:
         """torch.compile the generation layer's regions around attention (fuses norms, rotary, residual adds and the
         SwiGLU product into the matrix products' neighbours; benchmarks/README.md). Attention stays outside, so the
         compiled shapes depend only on the number of generation rows, never on the prompt's length: a new
@@ -125,8 +125,8 @@ class Cosmos3Transformer(nn.Module):
         # One specialisation per (rows, branches) shape: a server meets more than dynamo's default 8.
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
         self.compile_min_rows = min_rows
-        self.gen_in = torch.compile(gen_in, dynamic=False, backend=backend)
-        self.gen_out = torch.compile(gen_out, dynamic=False, backend=backend)
+        self.compiled_gen_in = torch.compile(gen_in, dynamic=False, backend=backend)
+        self.compiled_gen_out = torch.compile(gen_out, dynamic=False, backend=backend)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -354,8 +354,8 @@ class Cosmos3Transformer(nn.Module):
         attends to its prompt's keys and values `und_kv[b]` followed by its own. With sequence parallelism (`sp`)
         the rows are this rank's chunk of each branch, and attention runs on all rows of this rank's heads."""
         branches = len(und_kv)
-        compiled = self.gen_in is not None and x.shape[0] >= self.compile_min_rows
-        q, k, v = (self.gen_in if compiled else gen_in)(layer, x, cos, sin)
+        compiled = self.compiled_gen_in is not None and x.shape[0] >= self.compile_min_rows
+        q, k, v = (self.compiled_gen_in if compiled else gen_in)(layer, x, cos, sin)
         q, k, v = (t.unflatten(0, (branches, -1)) for t in (q, k, v))
         if sp is not None:
             q, k, v = sp.to_heads(q), sp.to_heads(sp.kv_heads(k)), sp.to_heads(sp.kv_heads(v))
@@ -368,7 +368,7 @@ class Cosmos3Transformer(nn.Module):
         out = attended[0][None] if branches == 1 else torch.stack(attended)  # one branch: no copy
         if sp is not None:
             out = sp.to_rows(out)
-        return (self.gen_out if compiled else gen_out)(layer, x, out.flatten(0, 1), rows_per_chunk)
+        return (self.compiled_gen_out if compiled else gen_out)(layer, x, out.flatten(0, 1), rows_per_chunk)
 
     def decode_generation_tokens(self, packed: Packed, rows: torch.Tensor):
         """One branch's final generation rows -> velocities of its vision, sound and action latents."""
