@@ -17,7 +17,6 @@ from __future__ import annotations
 import itertools
 import json
 import queue
-import string
 import threading
 import time
 from collections.abc import Iterator
@@ -29,12 +28,7 @@ from common import SCHEDULE, wan22_vae
 from safetensors.torch import save_file
 
 from cosmos3.config import TransformerConfig, preset
-from cosmos3.loading.tiny import (
-    CHAT_TEMPLATE,
-    SPECIAL_TOKENS,
-    tiny_vision_config,
-    write_reasoner_config,
-)
+from cosmos3.loading.tiny import build_tokenizer, tiny_vision_config, write_reasoner_config
 
 MARKER = "serving-checkpoint.json"  # what was written, so that a finished folder can be reused
 SHARD_BYTES = 4 * 2**30
@@ -48,30 +42,6 @@ def serving_config(name: str) -> TransformerConfig:
     """The preset, without the sound and action towers: the serving benchmark runs text2video and chat only (Nano
     has neither tower; tiny would need the sound codec written too)."""
     return replace(preset(name), sound_gen=False, sound_dim=None, action_gen=False, action_dim=None)
-
-
-def full_vocab_tokenizer(vocab_size: int):
-    """`cosmos3.loading.tiny.build_tokenizer` (byte-level, no merges, Qwen's special tokens and chat template) with
-    filler tokens " aaaa", " aaab", ... up to `vocab_size`: every id decodes to ASCII text. Prompts still encode one
-    token per byte (no merges reach the fillers). The special tokens take the last ids, as in Qwen's vocabulary."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
-    fillers = vocab_size - len(vocab) - len(SPECIAL_TOKENS)
-    space = "\u0120"  # the byte-level alphabet's character for b" "
-    words = ("".join(w) for w in itertools.product(string.ascii_lowercase, repeat=4))
-    for word in itertools.islice(words, max(0, fillers)):
-        vocab[space + word] = len(vocab)
-    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    backend.decoder = decoders.ByteLevel()
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|endoftext|>", clean_up_tokenization_spaces=False
-    )
-    tokenizer.add_special_tokens({"additional_special_tokens": SPECIAL_TOKENS})
-    tokenizer.chat_template = CHAT_TEMPLATE
-    return tokenizer
 
 
 def vision_config(name: str, hidden_size: int) -> dict:
@@ -219,7 +189,7 @@ def write_serving_checkpoint(
     (folder / "transformer").mkdir(parents=True, exist_ok=True)
     config = {"_class_name": "Cosmos3OmniTransformer", "_diffusers_version": "0.42.1", **cfg.to_dict()}
     (folder / "transformer" / "config.json").write_text(json.dumps(config, indent=2))
-    tokenizer = full_vocab_tokenizer(cfg.vocab_size)
+    tokenizer = build_tokenizer(cfg.vocab_size)  # every id a random model samples decodes to text
     tokenizer.save_pretrained(folder / "text_tokenizer")
     vision = vision_config(name, cfg.hidden_size)
     write_reasoner_config(folder, cfg, tokenizer, vision, IMAGE_SIZE, VIDEO_SIZE)

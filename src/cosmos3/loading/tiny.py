@@ -7,9 +7,11 @@ the parity tests do.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
+import string
 import tempfile
 import warnings
 from pathlib import Path
@@ -56,12 +58,21 @@ CHAT_TEMPLATE = (
 )
 
 
-def build_tokenizer():
-    """A byte-level BPE tokenizer (one token per byte, no merges) with Qwen's special tokens and chat template."""
+def build_tokenizer(vocab_size: int | None = None):
+    """A byte-level BPE tokenizer (one token per byte, no merges) with Qwen's special tokens and chat template.
+
+    With `vocab_size` (a benchmark's full-size model), filler tokens " aaaa", " aaab", ... fill the ids up to it, so
+    that every id a random model samples decodes to ASCII text; prompts still encode one token per byte (no merges
+    reach the fillers), and the special tokens take the last ids, as in Qwen's vocabulary."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    if vocab_size is not None:
+        space = "\u0120"  # the byte-level alphabet's character for b" "
+        words = ("".join(w) for w in itertools.product(string.ascii_lowercase, repeat=4))
+        for word in itertools.islice(words, max(0, vocab_size - len(vocab) - len(SPECIAL_TOKENS))):
+            vocab[space + word] = len(vocab)
     backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     backend.decoder = decoders.ByteLevel()
