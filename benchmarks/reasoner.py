@@ -299,6 +299,12 @@ def main() -> None:
     parser.add_argument("--parity-tokens", type=int, default=32)
     parser.add_argument("--concurrency", default="1,16,64")
     parser.add_argument("--preset", default="nano")
+    parser.add_argument(
+        "--compile",
+        choices=("on", "off"),
+        default="on",
+        help="compile the decode step's regions as the engine does by default on a GPU (compile='auto')",
+    )
     args = parser.parse_args()
     from transformers.video_utils import VideoMetadata
 
@@ -306,6 +312,8 @@ def main() -> None:
     device = default_device()
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     ref, reasoner, processor = build(device, args.preset)
+    if args.compile == "on" and device.type == "cuda":
+        reasoner.transformer.compile_decode_layers()
     frames = np.random.default_rng(0).integers(0, 255, (8, 448, 448, 3), dtype=np.uint8)
     question = "What will the robot do next?"
     messages = [
@@ -400,7 +408,8 @@ def main() -> None:
     print(json.dumps({"decode_step_gpu_ms_by_rows": step_ms}), flush=True)
 
     print(
-        f"\n{gpu_name(device)}, torch {torch.__version__}, prompt {prompt_tokens} tokens (video 784), greedy; "
+        f"\n{gpu_name(device)}, torch {torch.__version__}, prompt {prompt_tokens} tokens (video 784), greedy, "
+        f"decode step compiled: {reasoner.transformer.compiled_und_in is not None}; "
         f"transformers {args.new_tokens} new tokens, scheduler runs {args.serve_tokens} tokens per request"
     )
     print(

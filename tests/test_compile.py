@@ -98,3 +98,50 @@ def test_engine_compile_and_fast_options_are_checked():
     if not torch.cuda.is_available():  # fast means FP8, which needs a GPU: an error, never silently dropped
         with pytest.raises(RuntimeError, match="FP8"):
             cosmos3.load("tiny", fast=True)
+
+
+def _decode_tokens(model, steps: int = 6, rows: int = 2) -> list[list[int]]:
+    """Greedy tokens of `rows` random prompts decoded together by the scheduler (no thread, eager steps)."""
+    import queue
+
+    from cosmos3.reasoning.decoding import Prompt, Row, Sampling
+    from cosmos3.reasoning.scheduler import END, Scheduler
+
+    gen = torch.Generator().manual_seed(3)
+    scheduler = Scheduler(model, [], slots=4, threaded=False)
+    outs, jobs = [], []
+    for i in range(rows):
+        ids = torch.randint(0, model.config.vocab_size, (5 + 3 * i,), generator=gen)
+        with torch.no_grad():
+            prompt = Prompt(ids, torch.arange(len(ids)).expand(3, -1), model.embed_tokens(ids))
+        out: queue.Queue = queue.Queue()
+        params = Sampling(max_tokens=steps, temperature=0, presence_penalty=0).check()
+        jobs.append(scheduler.submit(prompt, params, Row(0), out, i))
+        outs.append(out)
+    tokens = []
+    for job, out in zip(jobs, outs, strict=True):
+        got = []
+        while (item := scheduler.next(out))[1] is not END:
+            got.append(item[1].id)
+        assert job.error is None and len(got) == steps
+        tokens.append(got)
+    return tokens
+
+
+def test_compiled_decode_step_equals_plain_and_compiles_three_times_at_most():
+    plain, compiled = _model(), _model()
+    backend = CountingBackend()
+    compiled.compile_decode_layers(backend=backend)
+    expected = _decode_tokens(plain)
+    assert _decode_tokens(compiled) == expected
+    assert backend.graphs == 2  # und_in and und_out, once each: every layer and every step reuse them
+    # A second number of rows makes the rows dimension dynamic (one more graph each); one row is always a
+    # specialisation of its own (dynamo's 0/1 rule); after that no size and no cache length compiles anything.
+    assert _decode_tokens(compiled, steps=12, rows=3) == _decode_tokens(plain, steps=12, rows=3)
+    assert backend.graphs == 4
+    assert _decode_tokens(compiled, steps=20, rows=1) == _decode_tokens(plain, steps=20, rows=1)
+    assert backend.graphs == 6
+    assert _decode_tokens(compiled, steps=30, rows=4) == _decode_tokens(plain, steps=30, rows=4)
+    assert backend.graphs == 6
+    # The prompt cache and prefill stay plain: compiling the decode step leaves the generation regions alone.
+    assert compiled.compiled_gen_in is None

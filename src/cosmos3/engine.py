@@ -132,10 +132,15 @@ class Engine:
             from cosmos3.model.fp8 import use_fp8_generation_linears
 
             use_fp8_generation_linears(self.transformer)
+        one_gpu = self.device.type == "cuda" and not groups.distributed and not layerwise_offload
         if compile is True:
             self.transformer.compile_generation_layers()
-        elif compile == "auto" and self.device.type == "cuda" and not groups.distributed and not layerwise_offload:
+        elif compile == "auto" and one_gpu:
             self.transformer.compile_generation_layers(min_rows=AUTO_COMPILE_ROWS)
+        if compile is True and not groups.distributed or compile == "auto" and one_gpu:
+            # The Reasoner's decode step: it runs thousands of times a server's life, so it always pays back its
+            # compile (a few seconds per power of two of rows). Not under TP, whose steps are not CUDA graphs.
+            self.transformer.compile_decode_layers()
         if (path / "vision_encoder").is_dir():
             vision_weights.update(read_tensors(weight_files(path / "vision_encoder"), self.device, self.dtype))
         self.vision_weights = vision_weights
@@ -386,8 +391,9 @@ def load(
     `device`/`dtype`: CUDA and bfloat16 when a GPU is present, else the CPU and float32.
     `surfaces=["reasoner"]` skips the generation pathway, VAE and audio codec (about half the memory).
     `compile="auto"` (the default) torch.compiles the generation layer on a single GPU for passes of at least
-    `AUTO_COMPILE_ROWS` generation rows (480p video and up, where it pays back its compile time); True compiles
-    every pass, False none. Opt-in speed options (see benchmarks/README.md for their effect on speed and output):
+    `AUTO_COMPILE_ROWS` generation rows (480p video and up, where it pays back its compile time) and the
+    Reasoner's decode step; True compiles every pass, False none. Opt-in speed options (see benchmarks/README.md
+    for their effect on speed and output):
     `fp8=True` runs the generation pathway's matmuls in FP8 (Hopper), `fast=True` is FP8 + compile + the step cache
     (`step_cache=0.05` for requests that set none), `vae_tiling=True` decodes the video in tiles to bound memory.
     Beyond one GPU (seed 001; the world size is the product of the three degrees): `tensor_parallel_size` splits

@@ -112,6 +112,10 @@ class Cosmos3Transformer(nn.Module):
     compiled_gen_in: Callable | None = None
     compiled_gen_out: Callable | None = None
     compile_min_rows = 0  # passes with fewer generation rows run the plain functions
+    # The understanding layer's regions around attention in the Reasoner's one-token decode step, torch.compiled by
+    # `compile_decode_layers`; plain functions otherwise (prefill and the prompt cache always run them plain).
+    compiled_und_in: Callable | None = None
+    compiled_und_out: Callable | None = None
     # Called after every layer of the prompt cache and the generation pass (the server's worker sets it for a
     # batch, so that a waiting conversation can take the GPU between layers: cosmos3.turns).
     between_layers: Callable[[], None] | None = None
@@ -127,6 +131,20 @@ class Cosmos3Transformer(nn.Module):
         self.compile_min_rows = min_rows
         self.compiled_gen_in = torch.compile(gen_in, dynamic=False, backend=backend)
         self.compiled_gen_out = torch.compile(gen_out, dynamic=False, backend=backend)
+
+    def compile_decode_layers(self, backend: str | Callable = "inductor") -> None:
+        """torch.compile the understanding layer's regions around attention for the one-token decode step. A step
+        of a Nano-width Reasoner is otherwise ~2,200 small kernels (norms, rotary, residuals, the SwiGLU product)
+        around the matrix-vector products, which a CUDA graph replays but cannot merge (benchmarks/reasoner.py:
+        8.97 ms a batch-1 step on an H200 against 3.2 ms of weight reading). Attention and the KV write stay
+        outside, so the compiled shapes depend only on the rows stepped, never on the cache's length; the rows are
+        a dynamic dimension from the second size on (dynamo's automatic dynamic shapes; one row is a size of its
+        own), so the scheduler's seven powers of two compile three times, not seven. Inductor keeps eager's bf16
+        roundings (`emulate_precision_casts`), so that the fused step rounds as the plain one does."""
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+        options = {"emulate_precision_casts": True} if backend == "inductor" else None
+        self.compiled_und_in = torch.compile(und_in, backend=backend, options=options)
+        self.compiled_und_out = torch.compile(und_out, backend=backend, options=options)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -201,24 +219,24 @@ class Cosmos3Transformer(nn.Module):
         causal: bool = False,
         mask: torch.Tensor | None = None,
         gen_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+        compiled: bool = False,
     ) -> torch.Tensor:
         """Decoder layer `i` on understanding hidden states `[..., N, H]`: the one definition behind the prompt cache
         of the denoiser and the Reasoner's prefill and decode steps.
 
         `kv` decides which keys and values the queries attend to (a KV cache); without it the tokens attend to
         their own, with the `causal` / `mask` of `attention`. `gen_kv`, when given, receives this layer's keys (as
-        generation queries see them, rotated) and values.
+        generation queries see them, rotated) and values. `compiled`: run the regions `compile_decode_layers`
+        compiled (when it has).
         """
         layer = self.layers[i]
-        attn = layer.self_attn
-        q, k_raw, v = attn.und_qkv(layer.input_layernorm(x))
-        q, k = apply_rope(q, cos, sin), apply_rope(k_raw, cos, sin)
+        compiled = compiled and self.compiled_und_in is not None
+        q, k, v, k_gen = (self.compiled_und_in if compiled else und_in)(layer, x, cos, sin, gen_kv is not None)
         if gen_kv is not None:
-            k_gen = k if attn.k_norm_und_for_gen is None else apply_rope(attn.k_norm_und_for_gen(k_raw), cos, sin)
             gen_kv.append((k_gen, v))
         keys, values = kv(i, k, v) if kv is not None else (k, v)
-        x = x + attn.to_out(attention(q, keys, values, causal=causal, mask=mask))
-        return x + layer.mlp(layer.post_attention_layernorm(x))
+        attended = attention(q, keys, values, causal=causal, mask=mask)
+        return (self.compiled_und_out if compiled else und_out)(layer, x, attended)
 
     def und_cache(self, packed: Packed) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per layer, the understanding keys (as generation queries see them, rotated) and values of a prompt.
@@ -277,7 +295,7 @@ class Cosmos3Transformer(nn.Module):
         mask = slots[:, None, None, :]
         write = lambda i, k, v: cache.write(i, k, v, write_at)
         for i in range(len(self.layers)):
-            x = self.und_layer(i, x, cos, sin, kv=write, mask=mask)
+            x = self.und_layer(i, x, cos, sin, kv=write, mask=mask, compiled=True)
         return self.lm_head(self.norm(x)[:, -1]).float()
 
     # ------------------------------------------------------------------ generation pathway
@@ -392,6 +410,26 @@ class Cosmos3Transformer(nn.Module):
                 rows = rows[offset : offset + packed.action_len][noisy]
                 v_action[noisy] = self.action_proj_out(rows, packed.action_domain)
         return v_vision, v_sound, v_action
+
+
+def und_in(
+    layer: MoTDecoderLayer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, gen_keys: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """An understanding layer up to attention: pre-norm, q/k/v, per-head norms, rotary -> q, k, v and, with
+    `gen_keys`, the keys as generation queries see them (Edge normalises them once more before rotation)."""
+    attn = layer.self_attn
+    q, k_raw, v = attn.und_qkv(layer.input_layernorm(x))
+    q, k = apply_rope(q, cos, sin), apply_rope(k_raw, cos, sin)
+    k_gen = None
+    if gen_keys:
+        k_gen = k if attn.k_norm_und_for_gen is None else apply_rope(attn.k_norm_und_for_gen(k_raw), cos, sin)
+    return q, k, v, k_gen
+
+
+def und_out(layer: MoTDecoderLayer, x: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
+    """An understanding layer after attention: output projection and residual, then the MLP block."""
+    x = x + layer.self_attn.to_out(attended)
+    return x + layer.mlp(layer.post_attention_layernorm(x))
 
 
 def gen_in(

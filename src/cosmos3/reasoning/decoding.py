@@ -10,6 +10,7 @@ reference the scheduler is tested against.
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -244,9 +245,12 @@ class Row:
     seed: int = 0
     matcher: Any = None
     finish_reason: str | None = None  # "stop" (end of turn, grammar complete, stop string) or "length"
+    cancelled: threading.Event | None = None  # set by another thread (a client gone): the row ends at the next step
 
     @property
     def done(self) -> bool:
+        if self.finish_reason is None and self.cancelled is not None and self.cancelled.is_set():
+            self.finish_reason = "stop"
         return self.finish_reason is not None
 
 

@@ -112,7 +112,9 @@ class Reasoner:
         every rank of a parallel layout runs the same steps in the same order."""
         with self._scheduler_made:
             if self._scheduler is None:
-                self._scheduler = Scheduler(self.transformer, self.eos_token_ids, slots=MAX_SLOTS, threaded=False)
+                self._scheduler = Scheduler(
+                    self.transformer, self.eos_token_ids, slots=MAX_SLOTS, threaded=False, encode=self.embed_many
+                )
         self._scheduler.eos = set(self.eos_token_ids)  # a caller may change them (the benchmark decodes past them)
         return self._scheduler
 
@@ -198,38 +200,62 @@ class Reasoner:
     @torch.inference_mode()
     def embed(self, tokenized: Tokenized) -> Prompt:
         """The GPU's part of `encode`: token embeddings, the vision tower's features in place, DeepStack."""
+        return self.embed_many([tokenized])[0]
+
+    @torch.inference_mode()
+    def embed_many(self, tokenized: list[Tokenized]) -> list[Prompt]:
+        """`embed` for several prompts with one vision-tower call per kind of media for all of them: the tower
+        attends within each image or temporal patch only, so batching changes no feature, and one call of many
+        videos costs a fraction of as many calls of one (a call of one video is bound by its ~2,000 small kernels
+        and host syncs; benchmarks/vision_tower.py)."""
+        features: list[dict[str, tuple[torch.Tensor, list[torch.Tensor]]]] = [{} for _ in tokenized]
+        for pixel_key, grid_key in (("pixel_values", "image_grid_thw"), ("pixel_values_videos", "video_grid_thw")):
+            have = [i for i, t in enumerate(tokenized) if t.media is not None and pixel_key in t.media]
+            if not have:
+                continue
+            grids = [tokenized[i].media[grid_key] for i in have]
+            pixels = torch.cat([tokenized[i].media[pixel_key] for i in have]).to(self.device, self.transformer.dtype)
+            out = self.vision(pixels, grid_thw=torch.cat(grids).to(self.device))
+            counts = [int(g.prod(-1).sum()) // self.merge**2 for g in grids]  # merged features per prompt
+            if sum(counts) != out.pooler_output.shape[0]:
+                raise RuntimeError(f"the vision tower made {out.pooler_output.shape[0]} features for {sum(counts)}")
+            pooled = out.pooler_output.split(counts)
+            stacks = [f.split(counts) for f in out.deepstack_features]
+            for j, i in enumerate(have):
+                features[i][pixel_key] = (pooled[j], [f[j] for f in stacks])
+        return [self._embedded(t, f) for t, f in zip(tokenized, features, strict=True)]
+
+    def _embedded(self, tokenized: Tokenized, features: dict[str, tuple[torch.Tensor, list[torch.Tensor]]]) -> Prompt:
+        """A prompt's token embeddings with its vision features (`features[pixel key]` = the tower's merged
+        features and DeepStack features of this prompt's images or videos) in place."""
         ids = tokenized.ids.to(self.device)
         positions = tokenized.positions.to(self.device)
         embeds = self.transformer.embed_tokens(ids)
-        batch = tokenized.media
-        if batch is None:
+        if tokenized.media is None:
             return Prompt(ids, positions, embeds)
         visual_mask = torch.zeros(len(ids), dtype=torch.bool, device=self.device)
         deepstack: list[torch.Tensor] | None = None
-        dtype = self.transformer.dtype
-        for pixel_key, grid_key, token_id in (
-            ("pixel_values", "image_grid_thw", self.image_token_id),
-            ("pixel_values_videos", "video_grid_thw", self.video_token_id),
-        ):
-            if pixel_key not in batch:
+        kinds = (("pixel_values", self.image_token_id), ("pixel_values_videos", self.video_token_id))
+        for pixel_key, token_id in kinds:
+            if pixel_key not in features:
                 continue
-            out = self.vision(batch[pixel_key].to(self.device, dtype), grid_thw=batch[grid_key].to(self.device))
+            pooled, stack = features[pixel_key]
             mask = ids == token_id
-            if int(mask.sum()) != out.pooler_output.shape[0]:
+            if int(mask.sum()) != pooled.shape[0]:
                 raise RequestError(
                     "messages",
                     "<media>",
                     "one placeholder per vision feature",
-                    f"produced {int(mask.sum())} placeholders for {out.pooler_output.shape[0]} features",
+                    f"produced {int(mask.sum())} placeholders for {pooled.shape[0]} features",
                 )
             embeds = embeds.clone()
-            embeds[mask] = out.pooler_output.to(embeds.dtype)
+            embeds[mask] = pooled.to(embeds.dtype)
             # DeepStack features, laid out over all visual tokens of the sequence (images and videos together).
             if deepstack is None:
-                deepstack = [embeds.new_zeros(0, embeds.shape[-1])] * len(out.deepstack_features)
+                deepstack = [embeds.new_zeros(0, embeds.shape[-1])] * len(stack)
             joint_mask = visual_mask | mask
             merged = []
-            for prev, feat in zip(deepstack, out.deepstack_features, strict=True):
+            for prev, feat in zip(deepstack, stack, strict=True):
                 joint = feat.new_zeros(int(joint_mask.sum()), feat.shape[-1])
                 joint[mask[joint_mask]] = feat
                 joint[visual_mask[joint_mask]] = prev.to(feat.dtype)
@@ -261,10 +287,17 @@ class Reasoner:
         and token counts."""
         return self.decode_scheduled(self.prepare(conversations, params, **encode_kwargs), self.scheduler)
 
-    def prepare(self, conversations: list[list[dict]], params: Sampling, **encode_kwargs: Any) -> Decode:
-        """Settings resolved, prompts encoded (media through the vision tower), one row per choice: `read` (the
-        host's part, which a server runs without holding the GPU) then `ready` (the GPU's)."""
-        return self.ready(self.read(conversations, params, **encode_kwargs))
+    def prepare(
+        self,
+        conversations: list[list[dict]],
+        params: Sampling,
+        cancelled: threading.Event | None = None,
+        **encode_kwargs: Any,
+    ) -> Decode:
+        """Settings resolved and checked, the grammar checked, conversations tokenized (media read, the processor),
+        one row per choice: all on the host. The prompts are embedded (the vision tower) by the scheduler that
+        decodes them, together with the other prompts waiting for a row. `cancelled`, once set, ends every row."""
+        return self.rows(self.read(conversations, params, **encode_kwargs), cancelled)
 
     def read(self, conversations: list[list[dict]], params: Sampling, **encode_kwargs: Any) -> Request:
         """Settings resolved and checked, the grammar checked, conversations tokenized: no GPU work."""
@@ -273,12 +306,12 @@ class Reasoner:
         grammar = self.grammar(params.response_format)
         return Request(params, grammar, [self.tokenize(m, **encode_kwargs) for m in conversations])
 
-    def ready(self, request: Request) -> Decode:
-        """A read request's prompts embedded (the vision tower runs here), one row per choice."""
+    def rows(self, request: Request, cancelled: threading.Event | None = None) -> Decode:
+        """One row per choice of a read request (its prompts still to embed: the scheduler's `encode` does it)."""
         params, grammar = request.params, request.grammar
-        prompts = [self.embed(t) for t in request.conversations]
+        prompts = request.conversations
         rows = [
-            Row((params.seed + i) % 2**63, self.matcher(grammar) if grammar else None)
+            Row((params.seed + i) % 2**63, self.matcher(grammar) if grammar else None, cancelled=cancelled)
             for _ in prompts
             for i in range(params.n)
         ]
@@ -381,6 +414,17 @@ class Tokenized:
     positions: torch.Tensor
     media: Any = None
 
+    @property
+    def input_ids(self) -> torch.Tensor:  # as a Prompt names them: the scheduler reads either
+        return self.ids
+
+    @property
+    def patches(self) -> int:
+        """Vision patches the tower will read for this prompt (its share of a batched encode)."""
+        if self.media is None:
+            return 0
+        return sum(int(self.media[k].shape[0]) for k in ("pixel_values", "pixel_values_videos") if k in self.media)
+
 
 @dataclass
 class Request:
@@ -396,7 +440,7 @@ class Decode:
     """A request ready to decode: its resolved settings and, per choice, a prompt, a row and a text builder."""
 
     params: Sampling
-    prompts: list[Prompt]
+    prompts: list[Prompt | Tokenized]  # a conversation's n choices share one (embedded once)
     rows: list[Row]
     choices: list[Choice]
 

@@ -10,6 +10,10 @@ that from its first decode step on it sees exactly what it would see decoding al
 stopped request gives its row back at once. The cache is reallocated only when a sequence outgrows the ring or
 more rows are needed; otherwise its addresses, and so the captured graphs, stay the same.
 
+A request may arrive not yet embedded (token ids and the processor's pixels, no vision features): each step first
+embeds the queued ones that rows are free for, all in one call of the `encode` it was given (one vision-tower pass
+for all their images and videos, instead of one pass each).
+
 Each step prefills waiting requests within a token budget, samples every running row's next token in one
 `Sampler` call (each row with its own settings, generator and grammar), launches the next decode step, and only
 then reads the tokens back on the host and hands them out, so that the host's work overlaps the GPU's. A step
@@ -20,11 +24,13 @@ request's greedy tokens equal running it alone.
 from __future__ import annotations
 
 import collections
+import itertools
 import queue
 import threading
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -38,6 +44,10 @@ END = object()  # the last item of a request's queue
 # A 512-token chunk of Nano (8B parameters, 2 x 8e9 x 512 = 8 TFLOP) is about 12 ms on an H100, so the matmuls are
 # compute-bound while each running stream's next token waits about two decode steps.
 PREFILL_CHUNK = 512
+# Vision patches encoded together in one step at most: sixteen 8-frame 448x448 videos (3,136 patches each). The
+# tower's largest activation is then ~0.5 GiB (65,536 x 4,304 MLP channels in bf16), and a call of many videos costs
+# a fraction of as many calls of one (benchmarks/vision_tower.py). A prompt with more patches is encoded alone.
+ENCODE_PATCHES = 65536
 # The most sequences decoded together (vLLM's `max_num_seqs`): the issue's 64 concurrent requests on one H100. A
 # CUDA graph is captured per power of two of rows up to it.
 MAX_SLOTS = 64
@@ -46,9 +56,11 @@ MAX_SLOTS = 64
 @dataclass
 class Job:
     """One sequence in the scheduler: its prompt, settings and row state. Its tokens go to `out` as
-    `(index, Token)`, and `(index, END)` when it finishes (`row.finish_reason` says how; `error` if it failed)."""
+    `(index, Token)`, and `(index, END)` when it finishes (`row.finish_reason` says how; `error` if it failed).
+    `prompt` is a `Prompt`, or a prompt still to embed (anything with `input_ids` and `patches`, which the
+    scheduler's `encode` turns into a `Prompt`; jobs sharing one such object are embedded once)."""
 
-    prompt: Prompt
+    prompt: Prompt | Any
     params: Sampling
     row: Row
     out: queue.Queue
@@ -71,6 +83,10 @@ class Job:
     @property
     def prefilled(self) -> int:
         return self.cache.length if self.cache is not None else 0
+
+    @property
+    def embedded(self) -> bool:
+        return isinstance(self.prompt, Prompt)
 
 
 class Ring:
@@ -113,7 +129,8 @@ class Scheduler:
     lock, so that video jobs interleave). `slots` (up to `MAX_SLOTS`) bounds the sequences decoded together; more
     wait. `prefill_chunk` is the prompt tokens prefilled per step while others decode. `columns` is the room a
     new cache leaves for decoding past its first prompt. `graph`: replay decode steps as CUDA graphs where
-    possible (a GPU, no tensor parallelism, no layerwise offload)."""
+    possible (a GPU, no tensor parallelism, no layerwise offload). `encode` embeds a list of prompts still to embed
+    (`Reasoner.embed_many`); without it every submitted prompt must be a `Prompt`."""
 
     def __init__(
         self,
@@ -125,6 +142,7 @@ class Scheduler:
         threaded: bool = True,
         prefill_chunk: int = PREFILL_CHUNK,
         graph: bool = True,
+        encode: Callable[[list[Any]], list[Prompt]] | None = None,
     ):
         if not 1 <= slots <= MAX_SLOTS:
             raise ValueError(f"slots={slots}: from 1 to {MAX_SLOTS}")
@@ -132,6 +150,7 @@ class Scheduler:
             raise ValueError(f"prefill_chunk={prefill_chunk}: at least 1")
         self.model, self.eos, self.size, self.margin = model, set(eos_token_ids), slots, columns
         self.chunk = prefill_chunk
+        self.encode = encode
         self.lock = lock or nullcontext
         self.threaded = threaded  # False: callers run the steps (`next`, or `step()` in tests)
         self.waiting: queue.Queue[Job] = queue.Queue()  # submitted, not yet seen by a step
@@ -162,7 +181,9 @@ class Scheduler:
     def device(self) -> torch.device:
         return self.model.embed_tokens.weight.device
 
-    def submit(self, prompt: Prompt, params: Sampling, row: Row, out: queue.Queue, index: int = 0) -> Job:
+    def submit(self, prompt: Prompt | Any, params: Sampling, row: Row, out: queue.Queue, index: int = 0) -> Job:
+        if not isinstance(prompt, Prompt) and self.encode is None:
+            raise TypeError(f"a {type(prompt).__name__} prompt needs a scheduler made with `encode`")
         job = Job(prompt, params, row, out, index)
         with self.wake:
             self.waiting.put(job)
@@ -236,6 +257,7 @@ class Scheduler:
         for job in [j for j in self.jobs if j is not None] + list(self.queued):
             if job.row.done:  # cancelled or stopped by its consumer
                 self.retire(job)
+        self.embed_queued()
         self.admit()
         live = [j for j in self.jobs if j is not None and j.joined]
         self.most_active = max(self.most_active, len(live))
@@ -288,6 +310,36 @@ class Scheduler:
         job.out.put((job.index, END))
 
     # ------------------------------------------------------------------------------------------- prefill
+    def embed_queued(self) -> None:
+        """Embed the queued prompts that free rows are waiting for, first come first served, in one call of
+        `encode` (up to `ENCODE_PATCHES` vision patches; the first always goes). If the call fails, each prompt is
+        embedded alone, so that one bad prompt fails only its own jobs."""
+        head = list(itertools.islice(self.queued, self.jobs.count(None)))
+        sources: dict[int, Any] = {}
+        patches = 0
+        for job in head:
+            if job.embedded or id(job.prompt) in sources:
+                continue
+            patches += getattr(job.prompt, "patches", 0)
+            if sources and patches > ENCODE_PATCHES:
+                break
+            sources[id(job.prompt)] = job.prompt
+        if not sources:
+            return
+        try:
+            prompts = dict(zip(sources, self.encode(list(sources.values())), strict=True))
+        except Exception:
+            prompts = {}
+            for key, source in sources.items():
+                try:
+                    prompts[key] = self.encode([source])[0]
+                except Exception as exc:  # this prompt's jobs fail; the others go on
+                    for job in [j for j in self.queued if id(j.prompt) == key]:
+                        self.retire(job, error=exc)
+        for job in self.queued:
+            if not job.embedded and id(job.prompt) in prompts:
+                job.prompt = prompts[id(job.prompt)]
+
     def admit(self) -> None:
         """Prefill waiting jobs, first come first served, `prefill_chunk` tokens per step while others decode
         (with no one decoding, the first prompt goes whole). Whole prompts that fit the budget are prefilled in
@@ -295,7 +347,7 @@ class Scheduler:
         budget = self.chunk
         while budget > 0:
             job = next((j for j in self.jobs if j is not None and not j.joined), None)  # part-way through
-            if job is None and self.queued and None in self.jobs:
+            if job is None and self.queued and self.ready_to_take(self.queued[0]):
                 job = self.take(self.queued.popleft())
             if job is None:
                 return
@@ -305,7 +357,7 @@ class Scheduler:
             if job.prefilled == 0 and left <= budget:
                 group = [job]
                 budget -= left
-                while self.queued and None in self.jobs and self.queued[0].prompt_len <= budget:
+                while self.queued and self.ready_to_take(self.queued[0]) and self.queued[0].prompt_len <= budget:
                     budget -= self.queued[0].prompt_len
                     group.append(self.take(self.queued.popleft()))
                 self.prefill_whole(group)
@@ -313,6 +365,10 @@ class Scheduler:
                 step = min(left, budget)
                 budget -= step
                 self.prefill_part(job, step)
+
+    def ready_to_take(self, job: Job) -> bool:
+        """A queued job can take a row: one is free and its prompt is embedded."""
+        return job.embedded and None in self.jobs
 
     def take(self, job: Job) -> Job:
         """Give a queued job the lowest free row (low rows keep the stepped batch small)."""

@@ -31,7 +31,7 @@ from cosmos3.errors import RequestError
 from cosmos3.reasoning.decoding import MAX_N, MAX_TOP_LOGPROBS, Sampling
 from cosmos3.reasoning.messages import video_sampling
 from cosmos3.reasoning.reasoner import replies
-from cosmos3.reasoning.scheduler import MAX_SLOTS, Scheduler
+from cosmos3.reasoning.scheduler import MAX_SLOTS, PREFILL_CHUNK, Scheduler
 from cosmos3.server.errors import APIError
 from cosmos3.server.jobs import Worker
 from cosmos3.server.state import ServerState, state
@@ -126,14 +126,21 @@ class ChatCompletion(BaseModel):
 
 class Conversations:
     """The Reasoner's thread pool and its continuous-batching scheduler; at most `max_pending` conversations run or
-    wait for the engine (more: 429). A conversation's prompt is encoded holding the engine; its tokens then come from
-    the scheduler, which decodes every running conversation in one batch (each step holding the engine), admitting
-    new ones and retiring finished ones at every step. Each of those holds is one short unit of `Worker.exclusive`,
-    which a running video lends between its layers."""
+    wait for the engine (more: 429). A conversation is read and tokenized in the pool (no GPU); the scheduler then
+    embeds it (with the other prompts waiting for a row, in one vision-tower call), prefills it and decodes every
+    running conversation in one batch, each step holding the engine. Each step is one short unit of
+    `Worker.exclusive`, which a running video lends between its layers."""
 
-    def __init__(self, worker: Worker, max_pending: int, max_num_seqs: int = MAX_SLOTS):
+    def __init__(
+        self,
+        worker: Worker,
+        max_pending: int,
+        max_num_seqs: int = MAX_SLOTS,
+        max_num_batched_tokens: int = PREFILL_CHUNK,
+    ):
         self.worker, self.max_pending, self.pending = worker, max_pending, 0
         self.max_num_seqs = max_num_seqs  # the scheduler's rows; a request's n choices take one each
+        self.max_num_batched_tokens = max_num_batched_tokens  # the scheduler's prefill chunk
         self.pool = ThreadPoolExecutor(max_workers=max_pending, thread_name_prefix="cosmos3-chat")
         self.scheduler: Scheduler | None = None
         self._lock = threading.Lock()
@@ -152,7 +159,12 @@ class Conversations:
         with self._lock:
             if self.scheduler is None or self.scheduler.model is not reasoner.transformer:
                 self.scheduler = Scheduler(
-                    reasoner.transformer, reasoner.eos_token_ids, slots=self.max_num_seqs, lock=self.worker.exclusive
+                    reasoner.transformer,
+                    reasoner.eos_token_ids,
+                    slots=self.max_num_seqs,
+                    lock=self.worker.exclusive,
+                    prefill_chunk=self.max_num_batched_tokens,
+                    encode=reasoner.embed_many,
                 )
             return self.scheduler
 
@@ -162,10 +174,7 @@ class Conversations:
 
     async def complete(self, reasoner, messages: list[dict], sampling: Sampling, encode: dict):
         def run():
-            # Media reading and tokenizing need no GPU: done before taking a turn, so other streams keep decoding.
-            request = reasoner.read([messages], sampling, **encode)
-            with self.worker.exclusive():
-                decode = reasoner.ready(request)
+            decode = reasoner.prepare([messages], sampling, **encode)  # the host's part: other streams keep decoding
             return replies(reasoner.decode_scheduled(decode, self.scheduler_for(reasoner)))
 
         self.admit()
@@ -194,11 +203,8 @@ class Conversations:
 
         def run() -> None:
             try:
-                request = reasoner.read([messages], sampling, **encode)  # no GPU: outside the turns, as above
-                with self.worker.exclusive():
-                    if stop.is_set():  # the client went away while the engine was busy
-                        return
-                    decode = reasoner.ready(request)
+                # No GPU here (the scheduler embeds); a client gone before its prompt's turn frees its rows unused.
+                decode = reasoner.prepare([messages], sampling, cancelled=stop, **encode)
                 deltas = reasoner.decode_scheduled(decode, self.scheduler_for(reasoner))
                 try:
                     for delta in deltas:

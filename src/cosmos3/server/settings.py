@@ -7,6 +7,7 @@ from dataclasses import InitVar, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from cosmos3.reasoning.scheduler import PREFILL_CHUNK
 from cosmos3.server.limits import Limits
 
 if TYPE_CHECKING:  # chat.py imports the server's state, which imports these settings
@@ -20,6 +21,7 @@ class Settings:
     max_queue: int = 16
     max_batch: int = 4  # queued text2image/text2video requests of one shape denoised together
     max_num_seqs: int = 64  # chat sequences decoded together (vLLM's name; cosmos3.reasoning.scheduler.MAX_SLOTS)
+    max_num_batched_tokens: int = PREFILL_CHUNK  # prompt tokens prefilled per step beside the decoding (vLLM's name)
     allowed_local_media_path: Path | None = None  # local paths in requests must resolve under it; None: refused
     allow_private_urls: bool = False  # fetch media from loopback / private / link-local addresses
     # `--media-io-kwargs`: the video sampling a Reasoner request gets where its own media_io_kwargs leave a field
