@@ -215,9 +215,9 @@ class FairLock:
 def concurrent(
     reasoner: Reasoner, scheduler: Scheduler, lock: FairLock, messages: list[dict], requests: int, tokens: int
 ) -> dict:
-    """`requests` requests at once: each reads its prompt on the host (the processor) in its own thread, embeds it
-    holding `lock` (the GPU, as the server's engine lock; the vision tower), submits it and reads its tokens from
-    the scheduler's queue."""
+    """`requests` requests at once: each reads its prompt on the host (the processor) in its own thread, submits it
+    and reads its tokens from the scheduler's queue; the scheduler embeds the queued prompts together (the vision
+    tower) within its steps, as the server's does."""
     params = greedy(tokens)
     start = time.perf_counter()
     records: list[dict] = [{} for _ in range(requests)]
@@ -225,11 +225,9 @@ def concurrent(
     def one(i: int) -> None:
         begun = time.perf_counter()
         tokenized = reasoner.tokenize(messages, video_num_frames=8)  # the processor, on the host: no lock
-        with lock:
-            prompt = reasoner.embed(tokenized)  # the vision tower
-        records[i]["encode"] = time.perf_counter() - begun
+        records[i]["read"] = time.perf_counter() - begun
         out: queue.Queue = queue.Queue()
-        job = scheduler.submit(prompt, params, Row(0), out, i)
+        job = scheduler.submit(tokenized, params, Row(0), out, i)
         times = []
         while out.get()[1] is not END:
             times.append(time.perf_counter())
@@ -256,12 +254,40 @@ def concurrent(
         "tokens_each": tokens,
         "ttft_ms_median": round(statistics.median(ttft), 1),
         "ttft_ms_max": round(max(ttft), 1),
-        "encode_ms_median": round(statistics.median(r["encode"] for r in records) * 1000, 1),
+        "read_ms_median": round(statistics.median(r["read"] for r in records) * 1000, 1),
         "itl_ms_median": round(statistics.median(itl), 2) if itl else None,
         "aggregate_tok_s": round(total / (end - start), 1),
         "all_decoding_tok_s": round(steady / (first_out - all_in), 1) if first_out > all_in else None,
         "most_decoded_together": scheduler.most_active,
     }
+
+
+class Phases:
+    """Wall time of a scheduler's step phases (embedding, prefill, the rest: sampling and the decode step), each
+    ended by a device synchronisation so that its GPU work counts where it was launched (`--phases` only: the
+    synchronisations cost some of the overlap they measure)."""
+
+    def __init__(self, scheduler: Scheduler, sync):
+        self.seconds = {"embed": 0.0, "prefill": 0.0, "step": 0.0}
+        for name, phase in (("embed", "embed_queued"), ("prefill", "admit"), ("step", "step")):
+            setattr(scheduler, phase, self.timed(name, getattr(scheduler, phase), sync))
+
+    def timed(self, name: str, fn, sync):
+        def run(*a, **k):
+            sync()
+            start = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                sync()
+                self.seconds[name] += time.perf_counter() - start
+
+        return run
+
+    def report(self) -> dict:
+        out = {k: round(v, 3) for k, v in self.seconds.items()}
+        out["step"] = round(self.seconds["step"] - self.seconds["embed"] - self.seconds["prefill"], 3)
+        return out
 
 
 def warm(scheduler: Scheduler, prompt: Prompt, sizes: list[int]) -> None:
@@ -298,6 +324,8 @@ def main() -> None:
     parser.add_argument("--serve-tokens", type=int, default=128, help="per request in the concurrency runs")
     parser.add_argument("--parity-tokens", type=int, default=32)
     parser.add_argument("--concurrency", default="1,16,64")
+    parser.add_argument("--prefill-chunks", default=str(PREFILL_CHUNK), help="the scheduler's prefill chunks to try")
+    parser.add_argument("--phases", action="store_true", help="report the wall time of the scheduler's phases")
     parser.add_argument("--preset", default="nano")
     parser.add_argument(
         "--compile",
@@ -393,15 +421,26 @@ def main() -> None:
         # The scheduler as the server runs it: its own thread, one GPU lock shared with the prompts' encoding.
         lock = FairLock()
         most = min(max(levels), MAX_SLOTS)
-        scheduler = Scheduler(reasoner.transformer, [], slots=most, lock=lambda: lock)
-        scheduler.reserve(most, prompt_tokens + args.serve_tokens + 1)  # the whole run's cache up front: no regrowth
         sizes = [1 << i for i in range(most.bit_length()) if 1 << i <= most] + ([most] if most & (most - 1) else [])
-        warm(scheduler, prompt, sizes)
         runs = []
-        for requests in levels:
-            scheduler.most_active = 0
-            runs.append(concurrent(reasoner, scheduler, lock, messages, requests, args.serve_tokens))
-            print(json.dumps({"scheduler": runs[-1]}), flush=True)
+        for chunk in [int(c) for c in args.prefill_chunks.split(",")]:
+            scheduler = Scheduler(
+                reasoner.transformer, [], slots=most, lock=lambda: lock, prefill_chunk=chunk, encode=reasoner.embed_many
+            )
+            scheduler.reserve(most, prompt_tokens + args.serve_tokens + 1)  # the run's cache up front: no regrowth
+            warm(scheduler, prompt, sizes)
+            for requests in levels:
+                scheduler.most_active = 0
+                phases = Phases(scheduler, sync) if args.phases else None
+                runs.append(concurrent(reasoner, scheduler, lock, messages, requests, args.serve_tokens))
+                runs[-1]["prefill_chunk"] = chunk
+                if phases is not None:
+                    runs[-1]["phase_seconds"] = phases.report()
+                    for phase in ("embed_queued", "admit", "step"):  # back to the unwrapped methods
+                        delattr(scheduler, phase)
+                print(json.dumps({"scheduler": runs[-1]}), flush=True)
+            if chunk != int(args.prefill_chunks.split(",")[-1]):
+                scheduler.close()
         buckets = {r: scheduler.bucket(min(r, most)) for r in levels}  # the rows a step runs over
         step_ms = step_gpu_ms(scheduler, sorted(set(buckets.values())))
         scheduler.close()
@@ -435,6 +474,7 @@ def main() -> None:
     print_table(
         [
             "cosmos3 scheduler, concurrent requests",
+            "prefill chunk",
             "TTFT median (ms)",
             "TTFT max (ms)",
             "inter-token (ms)",
@@ -445,6 +485,7 @@ def main() -> None:
         [
             [
                 r["requests"],
+                r["prefill_chunk"],
                 r["ttft_ms_median"],
                 r["ttft_ms_max"],
                 r["itl_ms_median"],

@@ -9,6 +9,7 @@ from fastapi.testclient import TestClient
 
 from cosmos3.cli import _server_settings, build_parser
 from cosmos3.errors import RequestError
+from cosmos3.reasoning.scheduler import PREFILL_CHUNK
 from cosmos3.server.app import create_app
 
 engine, settings = base.engine, base.settings  # the shared fixtures
@@ -28,17 +29,30 @@ def test_full_chat_house_is_429_with_retry_after(engine, settings):
         assert client.post("/v1/chat/completions", json=CHAT).status_code == 200
 
 
-def test_max_num_seqs_sizes_the_scheduler(engine, settings):
+def test_max_num_seqs_and_batched_tokens_size_the_scheduler(engine, settings):
     settings.max_num_seqs = 3
+    settings.max_num_batched_tokens = 40
     with TestClient(create_app(engine, settings)) as client:
         scheduler = client.app.state.conversations.scheduler_for(engine.reasoner)
-        assert scheduler.size == 3
+        assert scheduler.size == 3 and scheduler.chunk == 40
+        assert scheduler.encode == engine.reasoner.embed_many  # prompts are embedded by the scheduler, together
+        assert client.post("/v1/chat/completions", json=CHAT).status_code == 200
 
 
 def test_serve_flags_reach_the_settings():
-    args = build_parser().parse_args(["serve", "--max-num-seqs", "8", "--max-pending-chats", "20"])
+    args = build_parser().parse_args(
+        ["serve", "--max-num-seqs", "8", "--max-pending-chats", "20", "--max-num-batched-tokens", "1024"]
+    )
     s = _server_settings(args)
-    assert s.max_num_seqs == 8 and s.limits.max_pending_chats == 20
-    for flags in (["--max-num-seqs", "65"], ["--max-num-seqs", "0"], ["--max-pending-chats", "0"]):
+    assert s.max_num_seqs == 8 and s.limits.max_pending_chats == 20 and s.max_num_batched_tokens == 1024
+    assert _server_settings(build_parser().parse_args(["serve"])).max_num_batched_tokens == PREFILL_CHUNK
+    bad = (
+        ["--max-num-seqs", "65"],
+        ["--max-num-seqs", "0"],
+        ["--max-pending-chats", "0"],
+        ["--max-num-batched-tokens", "8"],
+        ["--max-num-batched-tokens", "40000"],
+    )
+    for flags in bad:
         with pytest.raises(RequestError, match=flags[0][2:].replace("-", "_")):
             _server_settings(build_parser().parse_args(["serve", *flags]))

@@ -13,7 +13,8 @@ from fastapi.testclient import TestClient
 from cosmos3.cli import _server_settings, build_parser, main
 from cosmos3.errors import RequestError
 from cosmos3.server.app import create_app
-from cosmos3.server.chat import MediaIO, ProcessorKwargs, VideoIO, media_io_default, video_encode
+from cosmos3.server.chat import ProcessorKwargs, media_io_default, video_encode
+from cosmos3.server.media_io import MediaIO, VideoIO
 from cosmos3.ui import bridge
 
 engine, settings = base.engine, base.settings  # the shared fixtures

@@ -292,3 +292,101 @@ def test_callers_in_several_threads_share_the_python_apis_batch(engine):
     for t in threads:
         t.join(60)
     assert [results[i] for i in range(len(conversations))] == singles
+
+
+def test_embed_many_equals_embedding_each_prompt(engine):
+    reasoner = engine.reasoner
+    tokenized = [reasoner.tokenize(media_messages(seed)) for seed in range(3)]
+    tokenized.insert(1, reasoner.tokenize([{"role": "user", "content": "only text"}]))
+    together = reasoner.embed_many(tokenized)
+    for t, got in zip(tokenized, together, strict=True):
+        one = reasoner.embed(t)
+        assert torch.equal(got.input_ids, one.input_ids)
+        torch.testing.assert_close(got.embeds, one.embeds, atol=1e-5, rtol=1e-5)
+        assert (got.deepstack is None) == (one.deepstack is None)
+        if one.deepstack is not None:
+            assert torch.equal(got.visual_mask, one.visual_mask)
+            for a, b in zip(got.deepstack, one.deepstack, strict=True):
+                torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+class CountingEncoder:
+    """`Reasoner.embed_many`, counting its calls and the prompts of each; `bad` prompts (by identity) raise."""
+
+    def __init__(self, reasoner, bad: tuple = ()):
+        self.reasoner, self.bad, self.calls = reasoner, bad, []
+
+    def __call__(self, tokenized: list) -> list[Prompt]:
+        self.calls.append(len(tokenized))
+        if any(any(t is b for b in self.bad) for t in tokenized):
+            raise ValueError("unreadable media")
+        return self.reasoner.embed_many(tokenized)
+
+
+def test_queued_prompts_are_embedded_together_and_decode_as_alone(engine):
+    reasoner = engine.reasoner
+    encoder = CountingEncoder(reasoner)
+    scheduler = Scheduler(reasoner.transformer, reasoner.eos_token_ids, slots=4, threaded=False, encode=encoder)
+    params = Sampling(max_tokens=6, **GREEDY).check()
+    tokenized = [reasoner.tokenize(media_messages(seed)) for seed in range(3)]
+    out: queue.Queue = queue.Queue()
+    jobs = [scheduler.submit(t, params, Row(0), out, i) for i, t in enumerate(tokenized)]
+    # A prompt shared by two choices (n=2) is embedded once.
+    jobs.append(scheduler.submit(tokenized[0], params, Row(0), out, 3))
+    run_all(scheduler)
+    assert encoder.calls == [3]  # one call for every queued prompt, each distinct prompt once
+    got = drain(out)
+    for i, job in enumerate(jobs):
+        assert job.error is None
+        expected = alone(engine, reasoner.embed(tokenized[i % 3]), params)
+        assert [t.id for t in got[i]] == expected
+
+
+def test_queued_prompts_wait_for_free_rows_to_be_embedded(engine):
+    reasoner = engine.reasoner
+    encoder = CountingEncoder(reasoner)
+    scheduler = Scheduler(reasoner.transformer, reasoner.eos_token_ids, slots=2, threaded=False, encode=encoder)
+    params = Sampling(max_tokens=4, **GREEDY).check()
+    out: queue.Queue = queue.Queue()
+    jobs = [scheduler.submit(reasoner.tokenize(media_messages(s)), params, Row(0), out, s) for s in range(5)]
+    scheduler.step()
+    assert encoder.calls == [2]  # only as many as there are rows: the others are embedded as rows free up
+    assert sum(j.embedded for j in jobs) == 2
+    run_all(scheduler)
+    assert sum(encoder.calls) == 5 and all(j.error is None for j in jobs)
+
+
+def test_a_prompt_that_fails_to_embed_fails_only_its_jobs(engine):
+    reasoner = engine.reasoner
+    tokenized = [reasoner.tokenize(media_messages(seed)) for seed in range(3)]
+    encoder = CountingEncoder(reasoner, bad=(tokenized[1],))
+    scheduler = Scheduler(reasoner.transformer, reasoner.eos_token_ids, slots=4, threaded=False, encode=encoder)
+    params = Sampling(max_tokens=3, **GREEDY).check()
+    out: queue.Queue = queue.Queue()
+    jobs = [scheduler.submit(t, params, Row(0), out, i) for i, t in enumerate(tokenized)]
+    run_all(scheduler)
+    assert encoder.calls == [3, 1, 1, 1]  # the batch failed, then each alone
+    assert isinstance(jobs[1].error, ValueError)
+    assert jobs[0].error is None and jobs[2].error is None
+    got = drain(out)
+    assert len(got[0]) == len(got[2]) == 3 and got[1] == []
+
+
+def test_a_cancelled_request_is_never_embedded(engine):
+    reasoner = engine.reasoner
+    encoder = CountingEncoder(reasoner)
+    scheduler = Scheduler(reasoner.transformer, reasoner.eos_token_ids, slots=4, threaded=False, encode=encoder)
+    gone = threading.Event()
+    decode = reasoner.prepare([media_messages()], Sampling(max_tokens=3, n=2, **GREEDY), cancelled=gone)
+    gone.set()  # the client left before its prompt's turn
+    deltas = list(reasoner.decode_scheduled(decode, scheduler))
+    assert encoder.calls == [] and scheduler.idle
+    assert [d.finish_reason for d in deltas] == ["stop", "stop"]
+    assert all(d.completion_tokens == 0 for d in deltas)
+
+
+def test_an_unembedded_prompt_needs_an_encoder(engine):
+    reasoner = engine.reasoner
+    scheduler = Scheduler(reasoner.transformer, reasoner.eos_token_ids, threaded=False)
+    with pytest.raises(TypeError, match="encode"):
+        scheduler.submit(reasoner.tokenize(media_messages()), Sampling(**GREEDY).check(), Row(0), queue.Queue())

@@ -53,7 +53,7 @@ ENCODE_PATCHES = 65536
 MAX_SLOTS = 64
 
 
-@dataclass
+@dataclass(eq=False)  # a job is itself: `in` and `remove` on queues compare identities, not prompts
 class Job:
     """One sequence in the scheduler: its prompt, settings and row state. Its tokens go to `out` as
     `(index, Token)`, and `(index, END)` when it finishes (`row.finish_reason` says how; `error` if it failed).

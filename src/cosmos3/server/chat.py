@@ -34,22 +34,12 @@ from cosmos3.reasoning.reasoner import replies
 from cosmos3.reasoning.scheduler import MAX_SLOTS, PREFILL_CHUNK, Scheduler
 from cosmos3.server.errors import APIError
 from cosmos3.server.jobs import Worker
+from cosmos3.server.media_io import MediaIO, VideoIO
 from cosmos3.server.state import ServerState, state
 from cosmos3.server.submit import disconnected
 from cosmos3.server.wire import check_model, check_unicode, random_seed
 
 router = APIRouter()
-
-
-class VideoIO(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    fps: float | None = None
-    num_frames: int | None = Field(None, description="-1: every frame (vLLM's server default)")
-
-
-class MediaIO(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    video: VideoIO | None = None
 
 
 class ProcessorKwargs(BaseModel):

@@ -5,13 +5,10 @@ from __future__ import annotations
 import re
 from dataclasses import InitVar, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from cosmos3.reasoning.scheduler import PREFILL_CHUNK
 from cosmos3.server.limits import Limits
-
-if TYPE_CHECKING:  # chat.py imports the server's state, which imports these settings
-    from cosmos3.server.chat import MediaIO
+from cosmos3.server.media_io import MediaIO
 
 
 @dataclass
