@@ -27,12 +27,39 @@ def cudnn_benchmark(on: bool):
         torch.backends.cudnn.benchmark = before
 
 
+def profile(decode, device: torch.device, top: int = 20) -> None:
+    """Where a decode's GPU time goes: the top kernels, and their share."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.inference_mode():
+        decode()  # warm-up
+        with torch.profiler.profile(activities=activities) as prof:
+            decode()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+    cuda = device.type == "cuda"
+    kernels = [
+        (e.device_time_total if cuda else e.self_cpu_time_total, e.count, e.key)
+        for e in prof.key_averages()
+        if not cuda or e.device_type == torch.autograd.DeviceType.CUDA
+    ]
+    kernels = sorted((k for k in kernels if k[0] > 0), reverse=True)
+    whole = sum(k[0] for k in kernels) or 1.0
+    print(f"one decode: {whole / 1e6:.2f} s of {'GPU' if cuda else 'CPU'} time")
+    print_table(
+        ["kernel", "calls", "ms", "share"],
+        [[k[:100], n, f"{us / 1e3:.1f}", f"{us / whole:.1%}"] for us, n, k in kernels[:top]],
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--preset", default="nano", help="the VAE's latent channels; tiny: a tiny VAE")
     parser.add_argument("--size", default="720p", choices=sorted(SIZES))
     parser.add_argument("--repeat", type=int, default=1)
     parser.add_argument("--variants", default="all", help="comma-separated variant names, or all")
+    parser.add_argument("--profile", action="store_true", help="first print the top GPU kernels of one default decode")
     args = parser.parse_args()
     device = default_device()
     channels = preset(args.preset).latent_channel
@@ -51,6 +78,8 @@ def main() -> None:
     if args.variants != "all":
         variants = {"default": variants["default"]} | {k: variants[k] for k in args.variants.split(",")}
     rows, reference = [], None
+    if args.profile:
+        profile(lambda: vae.decode(latents), device)
     with torch.inference_mode():
         for name, v in variants.items():
             fmt = torch.channels_last_3d if v["channels_last"] else torch.contiguous_format

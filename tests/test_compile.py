@@ -94,7 +94,10 @@ def test_engine_compile_and_fast_options_are_checked():
         cosmos3.load("tiny", fast=True, layerwise_offload=True)
     # "auto" compiles only on a GPU: on the CPU the engine runs the plain layer.
     engine = cosmos3.load("tiny", device="cpu")
-    assert engine.transformer.compiled_gen_in is None
+    assert engine.transformer.compiled_gen_in is None and engine.transformer.compiled_und_in is None
+    # compile=True compiles the Reasoner's decode step too (torch.compile is lazy: nothing is traced at load).
+    engine = cosmos3.load("tiny", device="cpu", compile=True, surfaces=["reasoner"])
+    assert engine.transformer.compiled_gen_in is not None and engine.transformer.compiled_und_in is not None
     if not torch.cuda.is_available():  # fast means FP8, which needs a GPU: an error, never silently dropped
         with pytest.raises(RuntimeError, match="FP8"):
             cosmos3.load("tiny", fast=True)
