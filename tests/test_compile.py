@@ -14,6 +14,7 @@ from cosmos3.config import preset
 from cosmos3.errors import RequestError
 from cosmos3.model.sequence import pack
 from cosmos3.model.transformer import Cosmos3Transformer
+from cosmos3.reasoning.decoding import Sampling
 from cosmos3.reference import randomize
 
 
@@ -148,3 +149,14 @@ def test_compiled_decode_step_equals_plain_and_compiles_three_times_at_most():
     assert backend.graphs == 6
     # The prompt cache and prefill stay plain: compiling the decode step leaves the generation regions alone.
     assert compiled.compiled_gen_in is None
+
+
+def test_warm_up_compiles_the_decode_step_for_one_row_and_for_many():
+    engine = cosmos3.load("tiny", device="cpu", surfaces=["reasoner"])
+    backend = CountingBackend()
+    engine.transformer.compile_decode_layers(backend=backend)
+    engine.reasoner.warm_up()
+    assert backend.graphs == 4  # und_in and und_out, at one row and with the rows dynamic
+    # A first request of any batch size then compiles nothing more.
+    engine.reasoner.complete([[{"role": "user", "content": "hi"}]] * 3, Sampling(max_tokens=4, seed=0))
+    assert backend.graphs == 4

@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -716,6 +717,11 @@ def cmd_serve(args: argparse.Namespace, playground: str | None = None) -> int:
         raise RequestError("api_key", "<set>", "unset with the playground (put it behind your own login proxy)")
     settings = _server_settings(args)
     engine = load(args.model, **_engine_options(args, guardrails=_guardrails(args)))
+    if engine.reasoner is not None and engine.transformer.compiled_und_in is not None:
+        start = time.perf_counter()
+        print("compiling the Reasoner's decode step (seconds; a warm Inductor cache makes it quicker)", flush=True)
+        engine.reasoner.warm_up()
+        print(f"compiled in {time.perf_counter() - start:.1f} s", flush=True)
     app = create_app(engine, settings)
     if playground:
         from cosmos3.ui.app import mount

@@ -263,6 +263,23 @@ class Reasoner:
             deepstack, visual_mask = merged, joint_mask
         return Prompt(ids, positions, embeds, visual_mask, deepstack)
 
+    @torch.inference_mode()
+    def warm_up(self) -> None:
+        """Decode a few tokens of a short prompt at one row and at two (a scheduler of its own, end of turn
+        ignored), so that the decode step's compiled regions (`compile_decode_layers`: one row, then any number of
+        rows) are compiled before a first request waits for them. A server calls it at startup."""
+        prompt = self.encode([{"role": "user", "content": "Describe the scene."}])
+        scheduler = Scheduler(self.transformer, [], slots=2, threaded=False)
+        for rows in (1, 2):
+            out: queue.Queue = queue.Queue()
+            params = Sampling(max_tokens=3, temperature=0, presence_penalty=0).check()
+            for i in range(rows):
+                scheduler.submit(prompt, params, Row(0), out, i)
+            finished = 0
+            while finished < rows:
+                finished += scheduler.next(out)[1] is END
+        scheduler.release()
+
     # ------------------------------------------------------------------------------------------- text
     def logits(self, messages: list[dict], **encode_kwargs: Any) -> torch.Tensor:
         """Next-token logits at every position of the templated prompt, `[L, vocab]` fp32 (for scoring and tests)."""
