@@ -93,3 +93,67 @@ def test_concurrent_chats_are_batched_and_each_equals_alone(engine, tmp_path):
         assert server.app.state.conversations.scheduler.most_active >= 2
     finally:
         server.stop()
+
+
+def _image_uri(seed: int) -> str:
+    import base64
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    pixels = np.random.default_rng(seed).integers(0, 255, (48, 64, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def test_concurrent_image_chats_are_embedded_together_and_each_equals_alone(engine, tmp_path):
+    server = LiveServer(engine, Settings(model_name="cosmos3-tiny", jobs_db=tmp_path / "j.db", outputs_dir=tmp_path))
+    try:
+        scheduler = server.app.state.conversations.scheduler_for(engine.reasoner)
+        calls: list[int] = []
+        release = threading.Event()
+
+        def encode(tokenized):  # counts the prompts of each call; the first call waits until all have arrived
+            calls.append(len(tokenized))
+            release.wait(60)
+            return engine.reasoner.embed_many(tokenized)
+
+        scheduler.encode = encode
+        client = OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+        conversations = [
+            [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "image_url", "image_url": {"url": _image_uri(i)}},
+                        {"type": "text", "text": f"What is in picture {i}?"},
+                    ],
+                }
+            ]
+            for i in range(4)
+        ]
+        results: dict[int, str] = {}
+
+        def ask(i: int) -> None:
+            reply = client.chat.completions.create(
+                model="cosmos3-tiny", messages=conversations[i], max_tokens=6, **GREEDY
+            )
+            results[i] = reply.choices[0].message.content
+
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for _ in range(600):  # until the first prompt is being embedded and the others wait in the queue
+            if calls and scheduler.waiting.qsize() + len(scheduler.queued) >= 3:
+                break
+            threading.Event().wait(0.05)
+        release.set()
+        for t in threads:
+            t.join(120)
+        assert sum(calls) == 4 and max(calls) >= 3  # the three that queued behind the first went in one call
+        for i in range(4):
+            assert results[i] == alone(engine, conversations[i], 6).text, i
+    finally:
+        server.stop()
