@@ -40,12 +40,13 @@ from cosmos3.reasoning.decoding import Batch, Prompt, Row, Sampler, Sampling, To
 END = object()  # the last item of a request's queue
 
 # Prompt tokens prefilled per step while other requests decode: vLLM V1's `max_num_batched_tokens` default for its
-# OpenAI server (2048; 8192 on GPUs of 70 GiB and more, vllm/engine/arg_utils.py). A 2048-token chunk of Nano (8B
-# parameters, 2 x 8e9 x 2048 = 33 TFLOP) is about 55 ms on an H100/H200, so a running stream's next token waits
-# that long while a prompt joins. Measured on an H200 with 64 video prompts arriving together
-# (benchmarks/reasoner.py): 2048 gives 963 output tok/s against 604 with V0's 512, at a median inter-token latency
-# of 29 ms against 48 (fewer, larger prefill passes let the decode steps run sooner).
-PREFILL_CHUNK = 2048
+# OpenAI server on GPUs of 70 GiB and more (8192; 2048 on smaller ones, vllm/engine/arg_utils.py). An 8192-token
+# chunk of Nano (8B parameters, 2 x 8e9 x 8192 = 131 TFLOP) is about 0.2 s on an H100/H200, so a running stream's
+# next token waits that long while prompts join. Measured on an H200 with 64 video prompts arriving together
+# (benchmarks/reasoner.py, results/2026-12-02-h200-reasoner-scheduler-embed.log): 8192 gives 1,397 output tok/s,
+# 2048 1,072 and V0's 512 604, at median inter-token latencies of 20, 26 and 48 ms (fewer, larger prefill passes
+# let the decode steps run sooner).
+PREFILL_CHUNK = 8192
 # Vision patches encoded together in one step at most: sixteen 8-frame 448x448 videos (3,136 patches each). The
 # tower's largest activation is then ~0.5 GiB (65,536 x 4,304 MLP channels in bf16), and a call of many videos costs
 # a fraction of as many calls of one (benchmarks/vision_tower.py). A prompt with more patches is encoded alone.
