@@ -206,8 +206,9 @@ class Reasoner:
     def embed_many(self, tokenized: list[Tokenized]) -> list[Prompt]:
         """`embed` for several prompts with one vision-tower call per kind of media for all of them: the tower
         attends within each image or temporal patch only, so batching changes no feature, and one call of many
-        videos costs a fraction of as many calls of one (a call of one video is bound by its ~2,000 small kernels
-        and host syncs; benchmarks/vision_tower.py)."""
+        videos costs a fraction of as many calls of one (one 8-frame video: 46 ms of host work, ~900 kernel
+        launches and a host sync per block, for 13 ms of GPU time; 16 in one call: 16 ms each; benchmarks/README.md,
+        "Reasoner")."""
         features: list[dict[str, tuple[torch.Tensor, list[torch.Tensor]]]] = [{} for _ in tokenized]
         for pixel_key, grid_key in (("pixel_values", "image_grid_thw"), ("pixel_values_videos", "video_grid_thw")):
             have = [i for i, t in enumerate(tokenized) if t.media is not None and pixel_key in t.media]
@@ -314,7 +315,7 @@ class Reasoner:
         """Settings resolved and checked, the grammar checked, conversations tokenized (media read, the processor),
         one row per choice: all on the host. The prompts are embedded (the vision tower) by the scheduler that
         decodes them, together with the other prompts waiting for a row. `cancelled`, once set, ends every row."""
-        return self.rows(self.read(conversations, params, **encode_kwargs), cancelled)
+        return self.decode_of(self.read(conversations, params, **encode_kwargs), cancelled)
 
     def read(self, conversations: list[list[dict]], params: Sampling, **encode_kwargs: Any) -> Request:
         """Settings resolved and checked, the grammar checked, conversations tokenized: no GPU work."""
@@ -323,7 +324,7 @@ class Reasoner:
         grammar = self.grammar(params.response_format)
         return Request(params, grammar, [self.tokenize(m, **encode_kwargs) for m in conversations])
 
-    def rows(self, request: Request, cancelled: threading.Event | None = None) -> Decode:
+    def decode_of(self, request: Request, cancelled: threading.Event | None = None) -> Decode:
         """One row per choice of a read request (its prompts still to embed: the scheduler's `encode` does it)."""
         params, grammar = request.params, request.grammar
         prompts = request.conversations
