@@ -16,6 +16,7 @@ from cosmos3.errors import RequestError
 from cosmos3.generation.dialects import MODES, dialect
 from cosmos3.generation.request import GenerateRequest
 from cosmos3.reason_request import REASONER_OUTPUT, ReasonRequest, is_reasoner_entry, reason, request_from_entry
+from cosmos3.reasoning.scheduler import PREFILL_CHUNK
 
 
 def _int_list(text: str) -> list[int]:
@@ -201,8 +202,8 @@ def add_server_args(s: argparse.ArgumentParser, port: int) -> None:
     s.add_argument(
         "--max-num-batched-tokens",
         type=int,
-        help="chat prompt tokens prefilled per step beside the decoding ones, 16 to 32768 (default: the "
-        "scheduler's PREFILL_CHUNK)",
+        default=PREFILL_CHUNK,
+        help=f"chat prompt tokens prefilled per step beside the decoding ones, 16 to 32768 (default {PREFILL_CHUNK})",
     )
     s.add_argument(
         "--max-pending-chats", type=int, default=128, help="chats running or waiting before 429 (default 128)"
@@ -676,7 +677,7 @@ def _bounded(name: str, value: int, lo: int, hi: int) -> int:
 
 
 def _server_settings(args: argparse.Namespace):
-    from cosmos3.reasoning.scheduler import MAX_SLOTS, PREFILL_CHUNK
+    from cosmos3.reasoning.scheduler import MAX_SLOTS
     from cosmos3.server.chat import media_io_default
     from cosmos3.server.limits import Limits
     from cosmos3.server.settings import Settings
@@ -695,9 +696,7 @@ def _server_settings(args: argparse.Namespace):
         retention_s=args.retention_hours * 3600,
         max_batch=args.max_batch,
         max_num_seqs=_bounded("max_num_seqs", args.max_num_seqs, 1, MAX_SLOTS),
-        max_num_batched_tokens=PREFILL_CHUNK
-        if args.max_num_batched_tokens is None
-        else _bounded("max_num_batched_tokens", args.max_num_batched_tokens, 16, 32768),
+        max_num_batched_tokens=_bounded("max_num_batched_tokens", args.max_num_batched_tokens, 16, 32768),
         media_io_kwargs=media_io_default(args.media_io_kwargs) if args.media_io_kwargs is not None else None,
         limits=Limits(
             max_upload_bytes=args.max_upload_mb * 2**20,
