@@ -157,6 +157,8 @@ def test_warm_up_compiles_the_decode_step_for_one_row_and_for_many():
     engine.transformer.compile_decode_layers(backend=backend)
     engine.reasoner.warm_up()
     assert backend.graphs == 4  # und_in and und_out, at one row and with the rows dynamic
-    # A first request of any batch size then compiles nothing more.
-    engine.reasoner.complete([[{"role": "user", "content": "hi"}]] * 3, Sampling(max_tokens=4, seed=0))
+    # A first request of any batch size then compiles nothing more (end of turn ignored: every row decodes 4 tokens).
+    engine.reasoner.eos_token_ids = []
+    replies = engine.reasoner.complete([[{"role": "user", "content": "hi"}]] * 3, Sampling(max_tokens=4, seed=0))
+    assert [r.completion_tokens for r in replies] == [4, 4, 4]
     assert backend.graphs == 4
