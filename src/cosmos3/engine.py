@@ -137,9 +137,10 @@ class Engine:
             self.transformer.compile_generation_layers()
         elif compile == "auto" and one_gpu:
             self.transformer.compile_generation_layers(min_rows=AUTO_COMPILE_ROWS)
-        if compile is True and not groups.distributed or compile == "auto" and one_gpu:
-            # The Reasoner's decode step: it runs thousands of times a server's life, so it always pays back its
-            # compile (a few seconds per power of two of rows). Not under TP, whose steps are not CUDA graphs.
+        if (compile is True and not groups.distributed) or (compile == "auto" and one_gpu):
+            # The Reasoner's decode step: it runs thousands of times in a server's life, so it always pays back its
+            # compile (three small compiles: one row, the first batch size, then any). Not under TP, whose steps
+            # are not CUDA graphs.
             self.transformer.compile_decode_layers()
         if (path / "vision_encoder").is_dir():
             vision_weights.update(read_tensors(weight_files(path / "vision_encoder"), self.device, self.dtype))

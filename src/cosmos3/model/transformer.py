@@ -135,12 +135,13 @@ class Cosmos3Transformer(nn.Module):
     def compile_decode_layers(self, backend: str | Callable = "inductor") -> None:
         """torch.compile the understanding layer's regions around attention for the one-token decode step. A step
         of a Nano-width Reasoner is otherwise ~2,200 small kernels (norms, rotary, residuals, the SwiGLU product)
-        around the matrix-vector products, which a CUDA graph replays but cannot merge (benchmarks/reasoner.py:
-        8.97 ms a batch-1 step on an H200 against 3.2 ms of weight reading). Attention and the KV write stay
-        outside, so the compiled shapes depend only on the rows stepped, never on the cache's length; the rows are
-        a dynamic dimension from the second size on (dynamo's automatic dynamic shapes; one row is a size of its
-        own), so the scheduler's seven powers of two compile three times, not seven. Inductor keeps eager's bf16
-        roundings (`emulate_precision_casts`), so that the fused step rounds as the plain one does."""
+        around the matrix-vector products, which a CUDA graph replays but cannot merge (benchmarks/README.md,
+        "Reasoner": a batch-1 step on an H200 took 8.97 ms plain, 6.13 ms compiled; reading the weights takes 3.2).
+        Attention and the KV write stay outside, so the compiled shapes depend only on the rows stepped, never on
+        the cache's length; the rows are a dynamic dimension from the second size on (dynamo's automatic dynamic
+        shapes; one row is a size of its own), so the scheduler's seven powers of two compile three times, not
+        seven. Inductor keeps eager's bf16 roundings (`emulate_precision_casts`), so that the fused step rounds as
+        the plain one does."""
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
         options = {"emulate_precision_casts": True} if backend == "inductor" else None
         self.compiled_und_in = torch.compile(und_in, backend=backend, options=options)
