@@ -1,6 +1,7 @@
-"""VAE decode of a clip under the settings that change its speed: cuDNN autotuning (`cudnn.benchmark`), channels-last
-3D memory, and torch.compile of the decoder (last: it stays compiled). Seconds, peak memory and the difference from
-the default.
+"""VAE decode of a clip: diffusers' `AutoencoderKLWan.decode` under the settings that change its speed (cuDNN
+autotuning, channels-last 3D weights, torch.compile of the decoder: last, it stays compiled) and cosmos3's chunked
+channels-last decode (generation/wan_decode.py) at several chunk sizes. Seconds, peak memory and the difference from
+diffusers' default.
 
     python benchmarks/vae_decode.py --size 720p
     python benchmarks/vae_decode.py --preset tiny --size tiny-smoke     # CPU smoke test
@@ -15,6 +16,7 @@ import torch
 from common import SIZES, default_device, gpu_name, latent_shape, print_table, timed, wan22_vae
 
 from cosmos3.config import preset
+from cosmos3.generation.wan_decode import decode_chunks
 
 
 @contextlib.contextmanager
@@ -59,39 +61,50 @@ def main() -> None:
     parser.add_argument("--size", default="720p", choices=sorted(SIZES))
     parser.add_argument("--repeat", type=int, default=1)
     parser.add_argument("--variants", default="all", help="comma-separated variant names, or all")
-    parser.add_argument("--profile", action="store_true", help="first print the top GPU kernels of one default decode")
+    parser.add_argument("--profile", default="", help="first print the top GPU kernels of one decode of this variant")
     args = parser.parse_args()
     device = default_device()
     channels = preset(args.preset).latent_channel
     vae = wan22_vae(device, channels, full=args.preset != "tiny")
     gen = torch.Generator(device).manual_seed(0)
     latents = torch.randn(1, channels, *latent_shape(args.size), device=device, dtype=torch.bfloat16, generator=gen)
+
+    def diffusers_decode():
+        return vae.decode(latents).sample.float()
+
+    def chunked(frames: int):
+        return lambda: torch.cat(list(decode_chunks(vae, latents, frames)), dim=2).float()
+
+    # name: (decode, cudnn.benchmark, channels-last weights, torch.compile the decoder)
     variants = {
-        "default": dict(bench=False, channels_last=False),
-        "cudnn.benchmark": dict(bench=True, channels_last=False),
-        "channels_last_3d": dict(bench=False, channels_last=True),
-        "cudnn.benchmark + channels_last_3d": dict(bench=True, channels_last=True),
+        "default": (diffusers_decode, False, False, False),
+        "cudnn.benchmark": (diffusers_decode, True, False, False),
+        "channels_last_3d": (diffusers_decode, False, True, False),
+        "cudnn.benchmark + channels_last_3d": (diffusers_decode, True, True, False),
+        # cosmos3's decode (generation/wan_decode.py): N latent frames a call, activations channels-last
+        **{f"chunked {n}": (chunked(n), False, False, False) for n in (1, 2, 4)},
+        "chunked 2 + channels_last_3d": (chunked(2), False, True, False),
         # The decoder torch.compiled whole (its per-frame cache is a list it mutates: dynamo replays that); the
-        # first call compiles (the warm-up, not timed).
-        "compile": dict(bench=False, channels_last=False, compile=True),
+        # first call compiles (the warm-up, not timed). Last: it stays compiled.
+        "compile": (diffusers_decode, False, False, True),
     }
     if args.variants != "all":
         variants = {"default": variants["default"]} | {k: variants[k] for k in args.variants.split(",")}
     rows, reference = [], None
     if args.profile:
-        profile(lambda: vae.decode(latents), device)
+        profile(variants[args.profile][0], device)
     with torch.inference_mode():
-        for name, v in variants.items():
-            fmt = torch.channels_last_3d if v["channels_last"] else torch.contiguous_format
+        for name, (decode, bench, channels_last, compile_decoder) in variants.items():
+            fmt = torch.channels_last_3d if channels_last else torch.contiguous_format
             for p in vae.parameters():  # only the 5-D conv weights have a channels-last layout
                 if p.dim() == 5:
                     p.data = p.data.contiguous(memory_format=fmt)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-            if v.get("compile"):
+            if compile_decoder:
                 vae.decoder = torch.compile(vae.decoder)
-            with cudnn_benchmark(v["bench"]):
-                seconds, peak, out = timed(lambda: vae.decode(latents).sample.float(), repeat=args.repeat)
+            with cudnn_benchmark(bench):
+                seconds, peak, out = timed(decode, repeat=args.repeat)
             out = out.cpu()
             reference = out if reference is None else reference
             err = ((out - reference).norm() / reference.norm()).item()

@@ -271,6 +271,7 @@ def test_chats_complete_while_a_video_is_in_progress(engine, live, monkeypatch):
     assert worker.wait(job["id"], 120).status == "completed"
     assert engine.transformer.between_layers is None  # the hooks last as long as the batch
     assert not engine.generator.parts.video.vae.decoder._forward_hooks
+    assert engine.generator.parts.video.between_chunks is None
 
 
 def test_interleaved_chats_change_no_number_of_the_video_or_the_chat(engine, live, monkeypatch):

@@ -3,17 +3,28 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 import torch
+
+from cosmos3.generation.wan_decode import decode_chunks
+
+# Latent frames a decode call takes at a time (16x16x4 compression: 2 -> 8 video frames; the first chunk 5). Memory
+# grows with it (at 720p each latent frame holds ~1 GiB of bf16 activations at the widest level); see
+# benchmarks/vae_decode.py for what each size costs and buys.
+DECODE_CHUNK_FRAMES = 2
 
 
 class VideoCodec:
     """diffusers' `AutoencoderKLWan` with the checkpoint's latent normalisation; its factors come from its config."""
 
-    def __init__(self, vae, latent_channels: int):
+    def __init__(self, vae, latent_channels: int, chunk_frames: int = DECODE_CHUNK_FRAMES):
         self.vae = vae
         self.latent_channels = latent_channels
+        self.chunk_frames = chunk_frames
+        # Called after each decoded chunk (the server lends the GPU to a waiting chat there); None: nothing.
+        self.between_chunks: Callable[[], None] | None = None
         self.spatial = int(vae.config.scale_factor_spatial)
         self.temporal = int(vae.config.scale_factor_temporal)
         # Stored in the VAE dtype, as the reference does (bf16-rounded with a bf16 VAE).
@@ -34,11 +45,20 @@ class VideoCodec:
         return ((mu - self.mean.to(mu.device)) * self.inv_std.to(mu.device)).float()
 
     def decode(self, latents: torch.Tensor) -> np.ndarray:
-        """Normalised latents -> uint8 frames [T, H, W, 3]."""
+        """Normalised latents -> uint8 frames [T, H, W, 3]. Decoded `chunk_frames` latent frames at a time
+        (`decode_chunks`), or by diffusers' tiled decode where tiling is on."""
         raw = latents.to(self.vae.dtype) / self.inv_std.to(latents.device) + self.mean.to(latents.device)
-        pixels = self.vae.decode(raw).sample.float()  # [1, 3, F, H, W]
-        pixels = (pixels / 2 + 0.5).clamp(0, 1)
-        return (pixels[0].permute(1, 2, 3, 0) * 255).round().to(torch.uint8).cpu().numpy()
+        if self.vae.use_tiling:
+            chunks = [self.vae.decode(raw).sample]
+        else:
+            chunks = decode_chunks(self.vae, raw, self.chunk_frames, self.between_chunks)
+        return np.concatenate([to_frames(pixels) for pixels in chunks])
+
+
+def to_frames(pixels: torch.Tensor) -> np.ndarray:
+    """Decoded pixels [1, 3, F, H, W] in [-1, 1] -> uint8 [F, H, W, 3], rounded as the reference's postprocess."""
+    pixels = (pixels.float() / 2 + 0.5).clamp(0, 1)
+    return (pixels[0].permute(1, 2, 3, 0) * 255).round().to(torch.uint8).cpu().numpy()
 
 
 class SoundCodec:

@@ -450,28 +450,38 @@ def interleavable(engine) -> bool:
     return not isinstance(transformer.layers, OffloadedLayers)
 
 
-def vae_blocks(engine) -> list[torch.nn.Module]:
-    """The VAE's encoder and decoder, called once per latent frame (or tile): a 720p decode takes seconds."""
+def video_codec(engine):
     generator = getattr(engine, "generator", None)
-    vae = generator.parts.video.vae if generator is not None else None
+    return generator.parts.video if generator is not None else None
+
+
+def vae_blocks(engine) -> list[torch.nn.Module]:
+    """The VAE's encoder and decoder, called once per latent frame (or tile; the chunked decode calls neither and
+    yields after each chunk instead): a 720p decode takes seconds."""
+    vae = getattr(video_codec(engine), "vae", None)
     return [m for m in (getattr(vae, "encoder", None), getattr(vae, "decoder", None)) if isinstance(m, torch.nn.Module)]
 
 
 @contextmanager
 def yield_points(engine, yield_point: Callable[[], None]) -> Iterator[bool]:
-    """For one batch: `yield_point()` after every transformer layer (prompt caches and denoising passes) and every
-    VAE encoder / decoder call, where the engine allows it (`interleavable`); yields whether it does. The calls
-    change no number of the batch: a conversation runs only while the batch waits."""
+    """For one batch: `yield_point()` after every transformer layer (prompt caches and denoising passes), every VAE
+    encoder / decoder call and every decoded chunk, where the engine allows it (`interleavable`); yields whether it
+    does. The calls change no number of the batch: a conversation runs only while the batch waits."""
     if not interleavable(engine):
         yield False
         return
     transformer = engine.transformer
     transformer.between_layers = yield_point
     handles = [block.register_forward_hook(lambda *_: yield_point()) for block in vae_blocks(engine)]
+    codec = video_codec(engine)
+    if codec is not None:
+        codec.between_chunks = yield_point
     try:
         yield True
     finally:
         transformer.between_layers = None
+        if codec is not None:
+            codec.between_chunks = None
         for handle in handles:
             handle.remove()
 

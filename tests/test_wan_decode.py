@@ -1,0 +1,105 @@
+"""The chunked, channels-last Wan decode (generation/wan_decode.py) against diffusers' `AutoencoderKLWan.decode`
+with the same weights: both layouts (Wan2.2 residual with pixel patches, Wan2.1), several widths, chunk sizes and
+clip lengths."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from diffusers import AutoencoderKLWan
+
+from cosmos3.generation.codecs import VideoCodec
+from cosmos3.generation.wan_decode import decode_chunks
+
+Z = 16
+
+
+def wan_vae(wan22: bool, wide: bool, seed: int = 0) -> AutoencoderKLWan:
+    torch.manual_seed(seed)
+    widths = dict(base_dim=8, dim_mult=[1, 1, 1, 1], num_res_blocks=1)
+    if wide:  # the real checkpoints' shape: widths that change per level, a decoder wider than the encoder
+        widths = dict(base_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2)
+        if wan22:
+            widths["decoder_base_dim"] = 24
+    return AutoencoderKLWan(
+        **widths,
+        z_dim=Z,
+        temperal_downsample=[False, True, True],
+        is_residual=wan22,
+        in_channels=12 if wan22 else 3,
+        out_channels=12 if wan22 else 3,
+        patch_size=2 if wan22 else None,
+        scale_factor_spatial=16 if wan22 else 8,
+        scale_factor_temporal=4,
+        latents_mean=[0.0] * Z,
+        latents_std=[1.0] * Z,
+    ).eval()
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+@pytest.mark.parametrize("wan22", [True, False], ids=["wan2.2", "wan2.1"])
+@pytest.mark.parametrize("wide", [False, True], ids=["narrow", "wide"])
+@pytest.mark.parametrize("frames", [1, 2, 6])
+def test_chunked_decode_equals_diffusers_in_fp32(wan22, wide, frames):
+    vae = wan_vae(wan22, wide)
+    z = torch.randn(1, Z, frames, 3, 5, generator=torch.Generator().manual_seed(frames))
+    with torch.inference_mode():
+        reference = vae.decode(z).sample
+        for chunk in (1, 2, 3, 7):
+            pieces = list(decode_chunks(vae, z, chunk))
+            assert len(pieces) == -(-frames // chunk)
+            out = torch.cat(pieces, dim=2)
+            assert out.shape == reference.shape
+            assert rel(out, reference) < 1e-5, (chunk, rel(out, reference))
+
+
+def test_chunked_decode_in_bf16_is_as_close_to_fp32_as_diffusers_bf16():
+    vae = wan_vae(True, True)
+    z = torch.randn(1, Z, 6, 3, 4, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        exact = vae.decode(z).sample
+        vae = vae.to(torch.bfloat16)
+        reference = vae.decode(z.bfloat16()).sample
+        ours = torch.cat(list(decode_chunks(vae, z.bfloat16(), 2)), dim=2)
+    assert ours.dtype == torch.bfloat16
+    assert rel(reference, exact) > 1e-3  # bf16 rounding is visible, so the comparison below means something
+    assert rel(ours, exact) < 1.25 * rel(reference, exact)
+
+
+def test_codec_decodes_in_chunks_yields_between_them_and_matches_diffusers_frames():
+    vae = wan_vae(True, False)
+    codec = VideoCodec(vae, Z, chunk_frames=2)
+    latents = torch.randn(1, Z, 5, 2, 3, generator=torch.Generator().manual_seed(2))
+    calls = []
+    codec.between_chunks = lambda: calls.append(1)
+    with torch.inference_mode():
+        frames = codec.decode(latents)
+        pixels = vae.decode(latents / codec.inv_std + codec.mean).sample
+    expected = ((pixels[0].permute(1, 2, 3, 0) / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+    assert frames.dtype == np.uint8 and frames.shape == expected.shape == (17, 32, 48, 3)
+    assert len(calls) == 3  # latent frames [0, 1], [2, 3], [4]
+    difference = np.abs(frames.astype(int) - expected.astype(int))
+    assert difference.max() <= 1 and (difference > 0).mean() < 1e-3  # fp32 noise may cross a rounding edge
+
+
+def test_codec_with_tiling_decodes_with_diffusers_tiles():
+    vae = wan_vae(True, False)
+    vae.enable_tiling(tile_sample_min_height=32, tile_sample_min_width=32, tile_sample_stride_height=16,
+                      tile_sample_stride_width=16)  # fmt: skip
+    codec = VideoCodec(vae, Z)
+    codec.between_chunks = lambda: pytest.fail("the tiled decode is diffusers' own: no chunks")
+    latents = torch.randn(1, Z, 2, 4, 4, generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        frames = codec.decode(latents)
+        pixels = vae.tiled_decode(latents / codec.inv_std + codec.mean).sample
+    expected = ((pixels[0].permute(1, 2, 3, 0) / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+    assert np.array_equal(frames, expected)
+
+
+def test_chunk_size_below_one_is_an_error():
+    with pytest.raises(ValueError, match="chunk_frames=0"):
+        next(decode_chunks(wan_vae(True, False), torch.zeros(1, Z, 1, 2, 2), 0))
