@@ -46,6 +46,7 @@ from cosmos3.generation.parts import Parts
 from cosmos3.generation.pipeline import Generator
 from cosmos3.generation.request import GenerateRequest
 from cosmos3.generation.sampler import Schedule
+from cosmos3.generation.wan_decode import channels_last_weights
 from cosmos3.loading.tiny import build_tokenizer
 
 PROMPT = "A robot arm picks up a red cup from a wooden table in a bright lab."
@@ -262,6 +263,7 @@ class Bench:
         cosmos3's to 1e-4 in fp32); the final latents are taken by the step callback, so the request still
         decodes and postprocesses its frames as a user's would."""
         final: dict[str, torch.Tensor] = {}
+        channels_last_weights(self.pipe.vae, False)  # diffusers' own layout (cosmos3's decode makes them channels-last)
 
         def keep(pipe, i: int, t, kwargs: dict) -> dict:
             final["latents"] = kwargs["latents"].clone()

@@ -72,8 +72,8 @@ def main() -> None:
     def diffusers_decode():
         return vae.decode(latents).sample.float()
 
-    def chunked(frames: int):
-        return lambda: torch.cat(list(decode_chunks(vae, latents, frames)), dim=2).float()
+    def chunked(frames: int, fused: bool = False):
+        return lambda: torch.cat(list(decode_chunks(vae, latents, frames, fused=fused)), dim=2).float()
 
     # name: (decode, cudnn.benchmark, channels-last weights, torch.compile the decoder)
     variants = {
@@ -84,6 +84,10 @@ def main() -> None:
         # cosmos3's decode (generation/wan_decode.py): N latent frames a call, activations channels-last
         **{f"chunked {n}": (chunked(n), False, False, False) for n in (1, 2, 4)},
         "chunked 2 + channels_last_3d": (chunked(2), False, True, False),
+        # norm + SiLU compiled into one kernel (the warm-up compiles)
+        **{f"chunked {n} fused": (chunked(n, fused=True), False, False, False) for n in (2, 4)},
+        # as VideoCodec runs it: channels-last weights, fused norms on a GPU
+        **{f"cosmos3 {n}": (chunked(n, fused=device.type == "cuda"), False, True, False) for n in (2, 4, 6)},
         # The decoder torch.compiled whole (its per-frame cache is a list it mutates: dynamo replays that); the
         # first call compiles (the warm-up, not timed). Last: it stays compiled.
         "compile": (diffusers_decode, False, False, True),
@@ -95,10 +99,10 @@ def main() -> None:
         profile(variants[args.profile][0], device)
     with torch.inference_mode():
         for name, (decode, bench, channels_last, compile_decoder) in variants.items():
-            fmt = torch.channels_last_3d if channels_last else torch.contiguous_format
-            for p in vae.parameters():  # only the 5-D conv weights have a channels-last layout
-                if p.dim() == 5:
-                    p.data = p.data.contiguous(memory_format=fmt)
+            for p in vae.parameters():  # only the conv weights have a channels-last layout
+                if p.dim() in (4, 5):
+                    layout = {4: torch.channels_last, 5: torch.channels_last_3d}[p.dim()]
+                    p.data = p.data.contiguous(memory_format=layout if channels_last else torch.contiguous_format)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
             if compile_decoder:

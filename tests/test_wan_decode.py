@@ -103,3 +103,46 @@ def test_codec_with_tiling_decodes_with_diffusers_tiles():
 def test_chunk_size_below_one_is_an_error():
     with pytest.raises(ValueError, match="chunk_frames=0"):
         next(decode_chunks(wan_vae(True, False), torch.zeros(1, Z, 1, 2, 2), 0))
+
+
+def channels_last(x: torch.Tensor) -> torch.Tensor:
+    return x.contiguous(memory_format=torch.channels_last_3d)
+
+
+@pytest.mark.parametrize("first_chunk", [True, False])
+def test_dup_up_add_is_x_plus_diffusers_dup_up(first_chunk):
+    from diffusers.models.autoencoders.autoencoder_kl_wan import DupUp3D
+
+    from cosmos3.generation.wan_decode import dup_up_add
+
+    for c_in, c_out, factor_t in ((8, 8, 2), (8, 4, 1), (6, 12, 2)):  # repeats = F, F / 2, 2 F
+        dup = DupUp3D(c_in, c_out, factor_t=factor_t, factor_s=2)
+        skip = channels_last(torch.randn(1, c_in, 3, 4, 5))
+        expected = dup(skip, first_chunk=first_chunk)
+        x = channels_last(torch.randn(expected.shape))
+        out = dup_up_add(x, skip, c_out, factor_t, 2, first_chunk)
+        assert out.is_contiguous(memory_format=torch.channels_last_3d)
+        assert torch.equal(out, x + expected)
+
+
+def test_fused_kernels_round_as_the_eager_modules():
+    """The compiled norm + SiLU and shortcut (what a GPU decode runs) against diffusers' modules, in bf16."""
+    from diffusers.models.autoencoders.autoencoder_kl_wan import DupUp3D, WanRMS_norm
+
+    from cosmos3.generation.wan_decode import compiled, dup_up_add, rms_silu
+
+    norm = WanRMS_norm(16, images=False)
+    with torch.no_grad():
+        norm.gamma.uniform_(0.5, 1.5)
+    x = channels_last(torch.randn(1, 16, 3, 4, 6)).bfloat16()
+    with torch.inference_mode():
+        norm = norm.bfloat16()
+        expected = torch.nn.functional.silu(norm(x))
+        assert torch.equal(rms_silu(x, norm.gamma, norm.scale), expected)
+        fused = compiled(rms_silu)(x, norm.gamma, norm.scale)
+        ulp = (fused.float() - expected.float()).abs() / expected.float().abs().clamp_min(1e-3)
+        assert ulp.max() <= 2**-7  # one bf16 rounding step at most (fp32 norms summed in another order)
+        skip = channels_last(torch.randn(1, 16, 2, 3, 4)).bfloat16()
+        y = DupUp3D(16, 16, factor_t=2, factor_s=2)(skip, first_chunk=True)
+        base = channels_last(torch.randn(y.shape)).bfloat16()
+        assert torch.equal(compiled(dup_up_add)(base, skip, 16, 2, 2, True), base + y)

@@ -10,19 +10,22 @@ import torch
 
 from cosmos3.generation.wan_decode import decode_chunks
 
-# Latent frames a decode call takes at a time (16x16x4 compression: 2 -> 8 video frames; the first chunk 5). Memory
-# grows with it (at 720p each latent frame holds ~1 GiB of bf16 activations at the widest level); see
-# benchmarks/vae_decode.py for what each size costs and buys.
+# Latent frames a decode call takes at a time (4x temporal compression: 2 -> 8 video frames, the first chunk 5).
+# Measured on an H200 at 720p x 189 frames with channels-last weights and fused norms
+# (benchmarks/results/2026-12-02-h200-vae-chunked-b.log): 2 -> 6.66 s, peak 13.9 GiB; 4 -> 6.92 s, 20.1 GiB;
+# 6 -> 6.84 s, 26.2 GiB (diffusers' per-frame decode: 9.39 s, 14.4 GiB). Wider chunks only cost memory.
 DECODE_CHUNK_FRAMES = 2
 
 
 class VideoCodec:
     """diffusers' `AutoencoderKLWan` with the checkpoint's latent normalisation; its factors come from its config."""
 
-    def __init__(self, vae, latent_channels: int, chunk_frames: int = DECODE_CHUNK_FRAMES):
+    def __init__(self, vae, latent_channels: int, chunk_frames: int = DECODE_CHUNK_FRAMES, fused: bool | None = None):
         self.vae = vae
         self.latent_channels = latent_channels
         self.chunk_frames = chunk_frames
+        # Norm + SiLU as one compiled kernel: on a GPU (where the passes cost; on a CPU Inductor's compile does).
+        self.fused = self.device.type == "cuda" if fused is None else fused
         # Called after each decoded chunk (the server lends the GPU to a waiting chat there); None: nothing.
         self.between_chunks: Callable[[], None] | None = None
         self.spatial = int(vae.config.scale_factor_spatial)
@@ -51,7 +54,7 @@ class VideoCodec:
         if self.vae.use_tiling:
             chunks = [self.vae.decode(raw).sample]
         else:
-            chunks = decode_chunks(self.vae, raw, self.chunk_frames, self.between_chunks)
+            chunks = decode_chunks(self.vae, raw, self.chunk_frames, self.between_chunks, self.fused)
         return np.concatenate([to_frames(pixels) for pixels in chunks])
 
 
