@@ -146,3 +146,20 @@ def test_fused_kernels_round_as_the_eager_modules():
         y = DupUp3D(16, 16, factor_t=2, factor_s=2)(skip, first_chunk=True)
         base = channels_last(torch.randn(y.shape)).bfloat16()
         assert torch.equal(compiled(dup_up_add)(base, skip, 16, 2, 2, True), base + y)
+
+
+@pytest.mark.parametrize("wan22", [True, False], ids=["wan2.2", "wan2.1"])
+def test_chunked_decode_with_one_temporal_upsample(wan22):
+    """A VAE that compresses time 2x (one temporal up block of three) and has a mid-block attention per frame."""
+    torch.manual_seed(4)
+    vae = AutoencoderKLWan(
+        base_dim=8, z_dim=Z, dim_mult=[1, 2, 2, 2], num_res_blocks=1, temperal_downsample=[False, False, True],
+        is_residual=wan22, in_channels=12 if wan22 else 3, out_channels=12 if wan22 else 3,
+        patch_size=2 if wan22 else None, scale_factor_temporal=2, latents_mean=[0.0] * Z, latents_std=[1.0] * Z,
+    ).eval()  # fmt: skip
+    z = torch.randn(1, Z, 5, 2, 3, generator=torch.Generator().manual_seed(5))
+    with torch.inference_mode():
+        reference = vae.decode(z).sample
+        out = torch.cat(list(decode_chunks(vae, z, 2)), dim=2)
+    assert out.shape == reference.shape and out.shape[2] == 9
+    assert rel(out, reference) < 1e-5
