@@ -40,9 +40,11 @@ class CausalCache(dict):
         self.fused = fused
 
 
-def rms_silu(x: torch.Tensor, gamma: torch.Tensor, scale: float) -> torch.Tensor:
-    """`WanRMS_norm` (no bias) then SiLU, as diffusers rounds them: normalised in fp32, scaled in the input dtype."""
-    return F.silu(F.normalize(x.float(), dim=1).to(x.dtype) * scale * gamma)
+def rms_silu(x: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
+    """`WanRMS_norm` (no bias) then SiLU, as diffusers rounds them: normalised in fp32, scaled in the input dtype.
+    `gamma`: [C], a plain tensor (dynamo keeps parameters' sizes static: one graph per width); the scale,
+    sqrt(C), comes from the shape for the same reason."""
+    return F.silu(F.normalize(x.float(), dim=1).to(x.dtype) * x.shape[1] ** 0.5 * gamma.view(-1, 1, 1, 1))
 
 
 def dup_up_add(
@@ -71,7 +73,7 @@ def compiled(fn: Callable) -> Callable:
 def norm_silu(norm: wan.WanRMS_norm, activation: nn.Module, x: torch.Tensor, cache: CausalCache) -> torch.Tensor:
     fusable = isinstance(activation, nn.SiLU) and not isinstance(norm.bias, nn.Parameter)
     if cache.fused and fusable:
-        return compiled(rms_silu)(x, norm.gamma, norm.scale)
+        return compiled(rms_silu)(x, norm.gamma.detach().view(-1))
     return activation(norm(x))
 
 
@@ -136,7 +138,8 @@ def up_block(block: nn.Module, x: torch.Tensor, cache: CausalCache, first_chunk:
             x = resample(block.upsampler, x, cache, first_chunk)
         if block.avg_shortcut is not None:
             dup = block.avg_shortcut
-            add = compiled(dup_up_add) if cache.fused else dup_up_add
+            # The first chunk (1 of many) runs eagerly: compiled, it would be two more graphs to compile.
+            add = compiled(dup_up_add) if cache.fused and not first_chunk else dup_up_add
             x = add(x, skip, dup.out_channels, dup.factor_t, dup.factor_s, first_chunk)
         return x
     if block.upsamplers is not None:
