@@ -72,7 +72,7 @@ def test_chunked_decode_in_bf16_is_as_close_to_fp32_as_diffusers_bf16():
 
 def test_codec_decodes_in_chunks_yields_between_them_and_matches_diffusers_frames():
     vae = wan_vae(True, False)
-    codec = VideoCodec(vae, Z, chunk_frames=2)
+    codec = VideoCodec(vae, Z, chunk_frames=2, chunked=True)
     latents = torch.randn(1, Z, 5, 2, 3, generator=torch.Generator().manual_seed(2))
     calls = []
     codec.between_chunks = lambda: calls.append(1)
@@ -86,11 +86,30 @@ def test_codec_decodes_in_chunks_yields_between_them_and_matches_diffusers_frame
     assert difference.max() <= 1 and (difference > 0).mean() < 1e-3  # fp32 noise may cross a rounding edge
 
 
+def test_codec_on_a_cpu_decodes_as_diffusers_per_frame_whatever_the_thread_count():
+    vae = wan_vae(True, False)
+    codec = VideoCodec(vae, Z)
+    assert not codec.chunked and not codec.fused
+    codec.between_chunks = lambda: pytest.fail("diffusers' decode has no chunks")
+    latents = torch.randn(1, Z, 3, 2, 3, generator=torch.Generator().manual_seed(6))
+    threads, frames = torch.get_num_threads(), []
+    try:
+        with torch.inference_mode():
+            for count in (1, 2):  # a Ray actor runs one thread; the process that checks its video more
+                torch.set_num_threads(count)
+                frames.append(codec.decode(latents))
+            pixels = vae.decode(latents / codec.inv_std + codec.mean).sample
+    finally:
+        torch.set_num_threads(threads)
+    expected = ((pixels[0].permute(1, 2, 3, 0) / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+    assert np.array_equal(frames[0], expected) and np.array_equal(frames[1], expected)
+
+
 def test_codec_with_tiling_decodes_with_diffusers_tiles():
     vae = wan_vae(True, False)
     vae.enable_tiling(tile_sample_min_height=32, tile_sample_min_width=32, tile_sample_stride_height=16,
                       tile_sample_stride_width=16)  # fmt: skip
-    codec = VideoCodec(vae, Z)
+    codec = VideoCodec(vae, Z, chunked=True)
     codec.between_chunks = lambda: pytest.fail("the tiled decode is diffusers' own: no chunks")
     latents = torch.randn(1, Z, 2, 4, 4, generator=torch.Generator().manual_seed(3))
     with torch.inference_mode():

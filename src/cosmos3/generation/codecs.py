@@ -8,7 +8,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from cosmos3.generation.wan_decode import decode_chunks
+from cosmos3.generation.wan_decode import channels_last_weights, decode_chunks
 
 # Latent frames a decode call takes at a time (4x temporal compression: 2 -> 8 video frames, the first chunk 5).
 # Measured on an H200 at 720p x 189 frames with channels-last weights and fused norms
@@ -18,14 +18,27 @@ DECODE_CHUNK_FRAMES = 2
 
 
 class VideoCodec:
-    """diffusers' `AutoencoderKLWan` with the checkpoint's latent normalisation; its factors come from its config."""
+    """diffusers' `AutoencoderKLWan` with the checkpoint's latent normalisation; its factors come from its config.
+    Decodes through `wan_decode.decode_chunks` (diffusers' modules, a few latent frames at a time) on a GPU."""
 
-    def __init__(self, vae, latent_channels: int, chunk_frames: int = DECODE_CHUNK_FRAMES, fused: bool | None = None):
+    def __init__(
+        self,
+        vae,
+        latent_channels: int,
+        chunk_frames: int = DECODE_CHUNK_FRAMES,
+        chunked: bool | None = None,
+        fused: bool | None = None,
+    ):
         self.vae = vae
         self.latent_channels = latent_channels
         self.chunk_frames = chunk_frames
+        # The chunked decode on a GPU, where it is faster. On a CPU (the tiny model) diffusers' per-frame decode:
+        # oneDNN's results for the chunked decode's convolutions depend on the thread count in the last bits, and a
+        # Ray actor (one thread) must write the same video as the process that checks it.
+        cuda = self.device.type == "cuda"
+        self.chunked = cuda if chunked is None else chunked
         # Norm + SiLU as one compiled kernel: on a GPU (where the passes cost; on a CPU Inductor's compile does).
-        self.fused = self.device.type == "cuda" if fused is None else fused
+        self.fused = cuda if fused is None else fused
         # Called after each decoded chunk (the server lends the GPU to a waiting chat there); None: nothing.
         self.between_chunks: Callable[[], None] | None = None
         self.spatial = int(vae.config.scale_factor_spatial)
@@ -49,9 +62,10 @@ class VideoCodec:
 
     def decode(self, latents: torch.Tensor) -> np.ndarray:
         """Normalised latents -> uint8 frames [T, H, W, 3]. Decoded `chunk_frames` latent frames at a time
-        (`decode_chunks`), or by diffusers' tiled decode where tiling is on."""
+        (`decode_chunks`), or by diffusers' `decode` (per frame, or tiled where tiling is on)."""
         raw = latents.to(self.vae.dtype) / self.inv_std.to(latents.device) + self.mean.to(latents.device)
-        if self.vae.use_tiling:
+        if self.vae.use_tiling or not self.chunked:
+            channels_last_weights(self.vae, False)  # diffusers' layout (a chunked decode may have changed it)
             chunks = [self.vae.decode(raw).sample]
         else:
             chunks = decode_chunks(self.vae, raw, self.chunk_frames, self.between_chunks, self.fused)
