@@ -246,6 +246,9 @@ class Row:
     matcher: Any = None
     finish_reason: str | None = None  # "stop" (end of turn, grammar complete, stop string) or "length"
     cancelled: threading.Event | None = None  # set by another thread (a client gone): the row ends at the next step
+    # Why the row failed (the scheduler sets it before the row's last item): kept on the row, which its consumer made,
+    # so that the consumer can read it however soon after submitting the row ends.
+    error: BaseException | None = None
 
     @property
     def done(self) -> bool:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import collections
 import itertools
+import logging
 import queue
 import threading
 from collections.abc import Callable
@@ -38,6 +39,7 @@ from cosmos3.model.transformer import Cosmos3Transformer, KVCache
 from cosmos3.reasoning.decoding import Batch, Prompt, Row, Sampler, Sampling, Token, graphable, prefill
 
 END = object()  # the last item of a request's queue
+logger = logging.getLogger(__name__)
 
 # Prompt tokens prefilled per step while other requests decode: vLLM V1's `max_num_batched_tokens` default for its
 # OpenAI server on GPUs of 70 GiB and more (8192; 2048 on smaller ones, vllm/engine/arg_utils.py). An 8192-token
@@ -58,7 +60,8 @@ MAX_SLOTS = 64
 
 @dataclass(eq=False)  # a job is itself: `in` and `remove` on queues compare identities, not prompts
 class Job:
-    """One sequence in the scheduler: its prompt, settings and row state. Its tokens go to `out` as
+    """One sequence in the scheduler: its prompt, settings and row state. Its tokens go to `out` (a queue, or
+    anything with `put`, called on the scheduler's thread during a step: it must be quick and must not raise) as
     `(index, Token)`, and `(index, END)` when it finishes (`row.finish_reason` says how; `error` if it failed).
     `prompt` is a `Prompt`, or a prompt still to embed (anything with `input_ids` and `patches`, which the
     scheduler's `encode` turns into a `Prompt`; jobs sharing one such object are embedded once)."""
@@ -66,9 +69,8 @@ class Job:
     prompt: Prompt | Any
     params: Sampling
     row: Row
-    out: queue.Queue
+    out: queue.Queue | Any
     index: int = 0
-    error: BaseException | None = None
     # Filled by the scheduler.
     slot: int = -1
     joined: bool = False  # its prompt is in the ring: it decodes
@@ -78,6 +80,10 @@ class Job:
 
     def cancel(self) -> None:
         self.row.finish_reason = self.row.finish_reason or "stop"
+
+    @property
+    def error(self) -> BaseException | None:
+        return self.row.error
 
     @property
     def prompt_len(self) -> int:
@@ -133,7 +139,9 @@ class Scheduler:
     wait. `prefill_chunk` is the prompt tokens prefilled per step while others decode. `columns` is the room a
     new cache leaves for decoding past its first prompt. `graph`: replay decode steps as CUDA graphs where
     possible (a GPU, no tensor parallelism, no layerwise offload). `encode` embeds a list of prompts still to embed
-    (`Reasoner.embed_many`); without it every submitted prompt must be a `Prompt`."""
+    (`Reasoner.embed_many`); without it every submitted prompt must be a `Prompt`. `after_step` is called after
+    every step, outside `lock()`, once the step's tokens are in the jobs' `out`s: the server's hand-off of every
+    stream's new text to the event loop in one call per step."""
 
     def __init__(
         self,
@@ -146,6 +154,7 @@ class Scheduler:
         prefill_chunk: int = PREFILL_CHUNK,
         graph: bool = True,
         encode: Callable[[list[Any]], list[Prompt]] | None = None,
+        after_step: Callable[[], None] | None = None,
     ):
         if not 1 <= slots <= MAX_SLOTS:
             raise ValueError(f"slots={slots}: from 1 to {MAX_SLOTS}")
@@ -154,6 +163,7 @@ class Scheduler:
         self.model, self.eos, self.size, self.margin = model, set(eos_token_ids), slots, columns
         self.chunk = prefill_chunk
         self.encode = encode
+        self.after_step = after_step
         self.lock = lock or nullcontext
         self.threaded = threaded  # False: callers run the steps (`next`, or `step()` in tests)
         self.waiting: queue.Queue[Job] = queue.Queue()  # submitted, not yet seen by a step
@@ -242,6 +252,11 @@ class Scheduler:
                 self.step()
         except BaseException as exc:  # every job learns of it; the scheduler starts afresh
             self.fail(exc)
+        if self.after_step is not None:
+            try:
+                self.after_step()
+            except Exception:  # the hook's own failure must not stop the decode loop (it would hang every job)
+                logger.exception("the scheduler's after_step hook failed")
 
     def fail(self, exc: BaseException) -> None:
         while not self.waiting.empty():
@@ -303,7 +318,7 @@ class Scheduler:
 
     def retire(self, job: Job, error: BaseException | None = None) -> None:
         if error is not None:
-            job.error = error
+            job.row.error = error
         job.row.finish_reason = job.row.finish_reason or "stop"
         if job.slot >= 0 and self.jobs[job.slot] is job:
             self.jobs[job.slot] = None

@@ -6,10 +6,12 @@ OpenAI's fields: `n` choices, `stop`, `seed`, `logprobs` / `top_logprobs`, `freq
 Unset sampling fields take the documents' settings (with reasoning when the last user turn asks for <think>).
 A field this server does not take (tools, logit_bias, ...) is a 400 naming it.
 
-A conversation runs in a thread of its own pool and takes the engine from the job worker for one short unit at a
-time (`Worker.exclusive`: its prompt's encoding, then each admission and decode step of the scheduler); a running
-video lends it the engine between two transformer layers (`cosmos3.turns`), so a chat does not wait for the video.
-The event loop only awaits it, so a conversation that waits for the engine never holds up other routes."""
+A conversation is read (media, the processor) in a thread of a pool, then decoded by the scheduler's own thread,
+which takes the engine from the job worker for one short unit at a time (`Worker.exclusive`: each embedding,
+admission and decode step); a running video lends it the engine between two transformer layers (`cosmos3.turns`),
+so a chat does not wait for the video. After each step the scheduler's thread hands every conversation's new text
+to the event loop in one call (`Streams`). The event loop only awaits it, so a conversation that waits for the
+engine never holds up other routes."""
 
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ import json
 import threading
 import time
 import uuid
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from typing import Any, Literal
@@ -30,7 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from cosmos3.errors import RequestError
 from cosmos3.reasoning.decoding import MAX_N, MAX_TOP_LOGPROBS, Sampling
 from cosmos3.reasoning.messages import video_sampling
-from cosmos3.reasoning.reasoner import replies
+from cosmos3.reasoning.reasoner import Deltas, Reply, replies
 from cosmos3.reasoning.scheduler import MAX_SLOTS, PREFILL_CHUNK, Scheduler
 from cosmos3.server.errors import APIError
 from cosmos3.server.jobs import Worker
@@ -114,11 +116,88 @@ class ChatCompletion(BaseModel):
     usage: Usage
 
 
+class Stream:
+    """One conversation's reply on its way to the event loop: `pieces` (an asyncio queue) gets ("delta", Delta)
+    items, then ("end", None) or ("error", exception). It is its rows' `Job.out`: the scheduler puts their items
+    here during a step, and `Streams.flush` turns them into deltas after it."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, streams: Streams):
+        self.loop, self.streams = loop, streams
+        self.pieces: asyncio.Queue = asyncio.Queue()
+        self.stop = threading.Event()  # the rows' `cancelled`: set, they leave the batch at the next step
+        self.deltas: Deltas | None = None  # set before its rows are submitted
+        self.failed = False  # a row failed: the other rows' items are dropped (on the scheduler's thread)
+        self.ended = False  # its last item reached `pieces` (on the loop)
+
+    def put(self, item: tuple[int, Any]) -> None:
+        self.streams.post(self, item)
+
+    def pieces_of(self, index: int, item: Any) -> list[tuple[str, Any]]:
+        """The items of `pieces` one scheduler item makes (the delta logic is the Reasoner's `Deltas`)."""
+        if self.failed:
+            return []
+        try:
+            delta = self.deltas.of(index, item)
+        except Exception as exc:  # a row failed: the reply ends with its error, the other rows leave the batch
+            self.failed = True
+            self.stop.set()
+            return [("error", exc)]
+        out = [("delta", delta)] if delta is not None else []
+        return out + [("end", None)] if self.deltas.done else out
+
+
+class Streams:
+    """Every streaming conversation's way to the event loop. The scheduler's thread decodes all rows; after each
+    step (`flush`, its `after_step`) it detokenizes the step's tokens and hands every stream's new pieces to the
+    loop in one `call_soon_threadsafe`. Measured before this (benchmarks/README.md, "Serving"): a pool thread per
+    stream waiting on its tokens, 64 streams meant 64 thread wake-ups and loop calls per step, all taking the GIL
+    from the thread that drives the GPU."""
+
+    def __init__(self, finished: Callable[[], None]):
+        self.finished = finished  # on the loop, once per stream: its conversation gives its place back
+        self.lock = threading.Lock()
+        self.posted: list[tuple[Stream, tuple[int, Any]]] = []
+
+    def post(self, stream: Stream, item: tuple[int, Any]) -> None:
+        with self.lock:
+            self.posted.append((stream, item))
+
+    def flush(self) -> None:
+        """On the scheduler's thread, after a step and outside the engine lock (detokenizing is host work that the
+        GPU's next decode step, already launched, overlaps)."""
+        with self.lock:
+            posted, self.posted = self.posted, []
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Stream, tuple[str, Any]]]] = {}
+        for stream, item in posted:
+            for piece in stream.pieces_of(*item):
+                by_loop.setdefault(stream.loop, []).append((stream, piece))
+        for loop, batch in by_loop.items():
+            self.send(loop, batch)
+
+    def send(self, loop: asyncio.AbstractEventLoop, batch: list[tuple[Stream, tuple[str, Any]]]) -> None:
+        try:
+            loop.call_soon_threadsafe(self.deliver, batch)
+        except RuntimeError:  # the loop is gone (shutdown): the rows leave the batch
+            for stream, _ in batch:
+                stream.stop.set()
+
+    def deliver(self, batch: list[tuple[Stream, tuple[str, Any]]]) -> None:
+        """On the loop: each piece to its stream; a stream's first last piece ("end" or "error") finishes it."""
+        for stream, piece in batch:
+            if stream.ended:
+                continue
+            stream.pieces.put_nowait(piece)
+            if piece[0] != "delta":
+                stream.ended = True
+                self.finished()
+
+
 class Conversations:
-    """The Reasoner's thread pool and its continuous-batching scheduler; at most `max_pending` conversations run or
-    wait for the engine (more: 429). A conversation is read and tokenized in the pool (no GPU); the scheduler then
-    embeds it (with the other prompts waiting for a row, in one vision-tower call), prefills it and decodes every
-    running conversation in one batch, each step holding the engine. Each step is one short unit of
+    """The Reasoner's continuous-batching scheduler, and a thread pool that reads requests; at most `max_pending`
+    conversations run or wait for the engine (more: 429). A conversation is read and tokenized in the pool (no
+    GPU), which it then leaves; the scheduler embeds it (with the other prompts waiting for a row, in one
+    vision-tower call), prefills it and decodes every running conversation in one batch, each step holding the
+    engine, and its replies reach the event loop through `Streams`. Each step is one short unit of
     `Worker.exclusive`, which a running video lends between its layers."""
 
     def __init__(
@@ -131,7 +210,10 @@ class Conversations:
         self.worker, self.max_pending, self.pending = worker, max_pending, 0
         self.max_num_seqs = max_num_seqs  # the scheduler's rows; a request's n choices take one each
         self.max_num_batched_tokens = max_num_batched_tokens  # the scheduler's prefill chunk
+        # Threads for reading requests (URLs, video decoding, the processor): a conversation holds one only while it
+        # is read, so many may arrive together without waiting for each other's decoding.
         self.pool = ThreadPoolExecutor(max_workers=max_pending, thread_name_prefix="cosmos3-chat")
+        self.streams = Streams(self.release)
         self.scheduler: Scheduler | None = None
         self._lock = threading.Lock()
 
@@ -155,6 +237,7 @@ class Conversations:
                     lock=self.worker.exclusive,
                     prefill_chunk=self.max_num_batched_tokens,
                     encode=reasoner.embed_many,
+                    after_step=self.streams.flush,
                 )
             return self.scheduler
 
@@ -162,65 +245,63 @@ class Conversations:
         if self.scheduler is not None:
             self.scheduler.close()
 
-    async def complete(self, reasoner, messages: list[dict], sampling: Sampling, encode: dict):
-        def run():
-            decode = reasoner.prepare([messages], sampling, **encode)  # the host's part: other streams keep decoding
-            return replies(reasoner.decode_scheduled(decode, self.scheduler_for(reasoner)))
-
-        self.admit()
+    async def complete(self, reasoner, messages: list[dict], sampling: Sampling, encode: dict) -> list[Reply]:
+        """The whole reply: the stream's deltas added up (an input error raises, as the stream's first item)."""
+        first, pieces, stop = await self.stream(reasoner, messages, sampling, encode)
+        deltas = []
         try:
-            return await asyncio.get_running_loop().run_in_executor(self.pool, run)
-        finally:
-            self.release()
+            kind, value = first
+            while kind == "delta":
+                deltas.append(value)
+                kind, value = await pieces.get()
+        finally:  # also when the request is cancelled while it waits: its rows leave the batch
+            stop.set()
+        if kind == "error":
+            raise value
+        return replies(deltas)
 
     async def stream(
         self, reasoner, messages: list[dict], sampling: Sampling, encode: dict, gone: Awaitable | None = None
-    ):
-        """Start decoding in the pool; returns (first item, queue of the rest, stop event). Items are ("delta",
-        Delta), ("end", None) or ("error", exception). An input error is the first item, before any byte of the
-        reply is sent, so that it can still be a 400. If `gone` (a client's disconnect) completes while the
-        conversation waits for the engine, it ends (the first item is then None). The HTTP route and the
-        playground both stream through here."""
+    ) -> tuple[tuple[str, Any] | None, asyncio.Queue, threading.Event]:
+        """Read the conversation in the pool and submit its rows to the scheduler; returns (first item, queue of the
+        rest, stop event). Items are ("delta", Delta), ("end", None) or ("error", exception). An input error is
+        the first item, before any byte of the reply is sent, so that it can still be a 400. If `gone` (a
+        client's disconnect) completes while the conversation waits for the engine, it ends (the first item is
+        then None). Setting the stop event takes the rows out of the batch. The HTTP route and the playground both
+        stream through here."""
         loop = asyncio.get_running_loop()
-        pieces: asyncio.Queue = asyncio.Queue()
-        stop = threading.Event()
+        stream = Stream(loop, self.streams)
 
-        def put(item: tuple[str, Any]) -> None:
-            try:
-                loop.call_soon_threadsafe(pieces.put_nowait, item)
-            except RuntimeError:  # the loop is gone (shutdown)
-                stop.set()
-
-        def run() -> None:
+        def read() -> None:
             try:
                 # No GPU here (the scheduler embeds); a client gone before its prompt's turn frees its rows unused.
-                decode = reasoner.prepare([messages], sampling, cancelled=stop, **encode)
-                deltas = reasoner.decode_scheduled(decode, self.scheduler_for(reasoner))
-                try:
-                    for delta in deltas:
-                        if stop.is_set():  # the client went away: its rows leave the batch
-                            break
-                        put(("delta", delta))
-                finally:
-                    deltas.close()
-                put(("end", None))
+                decode = reasoner.prepare([messages], sampling, cancelled=stream.stop, **encode)
+                stream.deltas = Deltas(decode)
+                reasoner.submit_scheduled(decode, self.scheduler_for(reasoner), stream)
             except Exception as exc:  # reported in the reply; the server keeps running
-                put(("error", exc))
-            finally:
-                loop.call_soon_threadsafe(self.release)
+                stream.stop.set()
+                self.streams.send(loop, [(stream, ("error", exc))])
 
         self.admit()
-        loop.run_in_executor(self.pool, run)
-        first = asyncio.ensure_future(pieces.get())
+        try:
+            loop.run_in_executor(self.pool, read)
+        except BaseException:
+            self.release()
+            raise
+        first = asyncio.ensure_future(stream.pieces.get())
         left = asyncio.ensure_future(gone) if gone is not None else None
-        await asyncio.wait({first} | ({left} if left else set()), return_when=asyncio.FIRST_COMPLETED)
+        try:
+            await asyncio.wait({first} | ({left} if left else set()), return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:  # the request itself was cancelled: its rows leave the batch
+            stream.stop.set()
+            raise
         if left is not None:
             left.cancel()
         if not first.done():
             first.cancel()
-            stop.set()
-            return None, pieces, stop
-        return first.result(), pieces, stop
+            stream.stop.set()
+            return None, stream.pieces, stream.stop
+        return first.result(), stream.pieces, stream.stop
 
 
 def sampling_of(body: ChatRequest, default: MediaIO | None = None) -> tuple[Sampling, dict[str, Any]]:
@@ -393,8 +474,25 @@ async def chat_completions(body: ChatRequest, request: Request):
             out["logprobs"] = {"content": delta.logprobs or []}
         return out
 
+    counts = {"prompt": 0, "completion": 0}
+
+    def event(kind: str, value: Any) -> tuple[str, bool]:
+        """The server-sent events of one item, and whether it is the reply's last."""
+        if kind == "delta":
+            if value.finish_reason is not None:
+                counts["prompt"] = value.prompt_tokens
+                counts["completion"] += value.completion_tokens
+            return (chunk([choice(value)]) if value.text or value.finish_reason is not None else ""), False
+        if kind == "end":
+            if not include_usage:
+                return "", True
+            prompt, completion = counts["prompt"], counts["completion"]
+            usage = Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+            return chunk([], usage.model_dump()), True
+        error_type = "BadRequestError" if isinstance(value, RequestError) else "InternalServerError"
+        return f"data: {json.dumps({'error': {'message': str(value), 'type': error_type}})}\n\n", True
+
     async def events():
-        prompt_tokens = completion_tokens = 0
         try:
             yield chunk(
                 [
@@ -402,28 +500,18 @@ async def chat_completions(body: ChatRequest, request: Request):
                     for i in range(sampling.n)
                 ]
             )
-            kind, value = first
+            text, last = event(*first)
             while True:
-                if kind == "delta":
-                    if value.finish_reason is not None:
-                        prompt_tokens = value.prompt_tokens
-                        completion_tokens += value.completion_tokens
-                    if value.text or value.finish_reason is not None:
-                        yield chunk([choice(value)])
-                elif kind == "end":
-                    if include_usage:
-                        usage = Usage(
-                            prompt_tokens=prompt_tokens,
-                            completion_tokens=completion_tokens,
-                            total_tokens=prompt_tokens + completion_tokens,
-                        )
-                        yield chunk([], usage.model_dump())
+                # With the items already queued in one write: a loop that fell behind the decode steps catches up
+                # in fewer, larger sends.
+                while not last and not pieces.empty():
+                    more, last = event(*pieces.get_nowait())
+                    text += more
+                if text:
+                    yield text
+                if last:
                     break
-                else:
-                    error_type = "BadRequestError" if isinstance(value, RequestError) else "InternalServerError"
-                    yield f"data: {json.dumps({'error': {'message': str(value), 'type': error_type}})}\n\n"
-                    break
-                kind, value = await pieces.get()
+                text, last = event(*await pieces.get())
             yield "data: [DONE]\n\n"
         finally:
             stop.set()

@@ -25,8 +25,8 @@ class Limits:
     # The Reasoner.
     max_tokens: int = 32768  # reply tokens: an operator's default (a request may ask up to 131,072)
     max_chat_chars: int = 200_000  # text over all messages of one conversation
-    # Conversations running or waiting for a row (each waits in a thread of its own); more are 429. Two per decode row
-    # of the default --max-num-seqs 64: a full batch plus as many again prefilling or queued.
+    # Conversations running or waiting for a row (each is read in a thread of the chat pool, this size); more are 429.
+    # Two per decode row of the default --max-num-seqs 64: a full batch plus as many again prefilling or queued.
     max_pending_chats: int = 128
     # Inputs: every upload, URL and data URI, and what it decodes to.
     max_upload_bytes: int = 512 * 2**20
