@@ -10,15 +10,18 @@ runs at two step counts so that the per-step time and the fixed cost (VAE encode
 the request itself where 35 is one of its step counts, else from the 35-step probe at 256p). Every variant first
 runs a warm-up request at n_lo that is not timed (for compile variants it pays the compile: reported as
 "warm-up s"); then the variants run interleaved, one request each at n_lo, then at n_hi, so that all of them see
-the same clocks. Ratios are cosmos3 / diffusers. "rel. err" is ||x - x_exact|| / ||x_exact|| of the final latents
-at n_hi against cosmos3's exact path at the same step count (for diffusers too: the distance two bf16
-implementations land apart with random weights).
+the same clocks. Every step's end is timed inside each request too ("s/step timed": the median step of the n_hi
+request but its first, which also holds the prompt's encoding); `--steps N` runs whole N-step requests only (after a
+1-step warm-up), with the per-step time from those steps. Ratios are cosmos3 / diffusers. "rel. err" is
+||x - x_exact|| / ||x_exact|| of the final latents at n_hi against cosmos3's exact path at the same step count
+(for diffusers too: the distance two bf16 implementations land apart with random weights).
 
     python benchmarks/pipeline.py                                    # all four workloads: ~15 min on an H100/H200
     # the same in two calls of under 9 minutes (the second takes the step cache's 35-step count from the first):
     python benchmarks/pipeline.py --workloads t2v-720p t2i-720p --budget-s 520 --out pipeline-1.json    # ~7.5 min
     python benchmarks/pipeline.py --workloads i2v-720p t2v-480p --budget-s 520 --no-probe --out pipeline-2.json
     python benchmarks/pipeline.py --table pipeline-1.json pipeline-2.json              # one table from both
+    python benchmarks/pipeline.py --workloads t2v-720p --variants diffusers auto --steps 35      # ~9 min, measured
     python benchmarks/pipeline.py --preset tiny --workloads tiny-smoke tiny-t2i tiny-i2v \\
         --variants diffusers exact cache                                           # CPU smoke test, ~30 s
 """
@@ -34,7 +37,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
@@ -63,7 +66,7 @@ class Workload:
     frames: int
     height: int
     width: int
-    steps: tuple[int, int]  # default (n_lo, n_hi)
+    steps: tuple[int, ...]  # default (n_lo, n_hi); one count: whole requests of that many steps only
     quick_steps: tuple[int, int]  # --quick
 
 
@@ -107,16 +110,16 @@ VARIANTS: dict[str, Variant | None] = {
 }
 DEFAULT_VARIANTS = ["diffusers", "exact", "compile", "fp8+compile", "fast"]
 
-# For the time estimate printed before a run: H100 figures of 2026-11-24 (/work/shared/anchors/performance.md and
-# benchmarks/README.md); an H200 has the H100's compute (and more memory bandwidth), so about the same. Per
-# workload: diffusers s/step, cosmos3 exact s/step, diffusers fixed s, cosmos3 fixed s. 480p fixed costs are the
-# 720p ones scaled by the VAE decode times (5.3 / 10.0 s); text2image from its 35-step requests (6.85 / 2.72 s)
-# with ~0.3 s fixed; 256p from denoiser.py (0.26 / 0.20 s a step) and a ~1 s decode.
+# For the time estimate printed before a run: H200 figures of 2026-12-02 (benchmarks/results/2026-12-02-h200-*): per
+# workload diffusers s/step, cosmos3 exact s/step, diffusers fixed s, cosmos3 fixed s. 720p: diffusers' step timed
+# inside its requests (6.45 s; fits of other runs said up to 9.4), the exact step from the 1/2-step fit, the fixed
+# costs with the chunked VAE decode; 480p: whole 35-step requests; text2image from its 35-step requests (5.26 /
+# 2.44 s) with ~0.3 s fixed; 256p from denoiser.py (0.26 / 0.20 s a step) and a ~1 s decode.
 ANCHORS = {
-    "t2i-720p": (0.187, 0.069, 0.3, 0.3),
-    "t2v-480p": (2.43, 1.88, 8.2, 5.7),
-    "t2v-720p": (9.26, 6.75, 15.5, 10.7),
-    "i2v-720p": (9.26, 6.75, 15.5, 10.7),
+    "t2i-720p": (0.156, 0.071, 0.3, 0.3),
+    "t2v-480p": (1.90, 1.75, 6.3, 3.2),
+    "t2v-720p": (6.45, 6.66, 14.4, 6.8),
+    "i2v-720p": (6.45, 6.66, 14.4, 9.0),
     "probe": (0.26, 0.20, 1.0, 1.0),
 }
 # cosmos3 step time relative to exact (720p anchors: 5.99 / 6.75 with compile, 5.39 / 6.75 with FP8 as well; FP8
@@ -157,22 +160,36 @@ class Run:
     s: float
     peak_gib: float
     warmup: bool = False
+    step_ends: list[float] = field(default_factory=list)  # seconds from the request's start to each step's end
 
 
-def timed(fn: Callable[[], tuple[torch.Tensor, int]]) -> tuple[float, float, torch.Tensor, int]:
-    """Seconds, peak GPU memory (GiB) and the final latents (on the CPU) of one request. The allocator cache is
-    emptied first, so that no variant pays for (or profits from) another's cached blocks."""
+def step_durations(run: Run) -> list[float]:
+    """Seconds of each step after the first (the first also holds the prompt's encoding and the setup)."""
+    return [b - a for a, b in zip(run.step_ends[:-1], run.step_ends[1:], strict=True)]
+
+
+def timed(fn: Callable[[Callable[[], None]], tuple[torch.Tensor, int]]) -> tuple[float, float, torch.Tensor, int, list]:
+    """Seconds, peak GPU memory (GiB), the final latents (on the CPU), the steps computed and the step ends of one
+    request. `fn(mark)` calls `mark()` at the end of each step: it waits for the GPU (one sync a step, the same for
+    every variant) and notes the time. The allocator cache is emptied first, so that no variant pays for (or
+    profits from) another's cached blocks."""
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     cuda_sync()
     start = time.perf_counter()
-    latents, computed = fn()
+    ends: list[float] = []
+
+    def mark() -> None:
+        cuda_sync()
+        ends.append(round(time.perf_counter() - start, 4))
+
+    latents, computed = fn(mark)
     cuda_sync()
     seconds = time.perf_counter() - start
     peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0
-    return seconds, peak, latents.detach().float().cpu().reshape(-1), computed
+    return seconds, peak, latents.detach().float().cpu().reshape(-1), computed, ends
 
 
 def conditioning_image(height: int, width: int) -> np.ndarray:
@@ -244,21 +261,21 @@ class Bench:
             self.generators[key] = Generator(parts)
         return self.generators[key]
 
-    def runner(self, name: str, w: Workload, steps: int) -> Callable[[], tuple[torch.Tensor, int]]:
-        """A whole request, decode included: () -> (final latents, steps computed)."""
+    def runner(self, name: str, w: Workload, steps: int) -> Callable[[Callable[[], None]], tuple[torch.Tensor, int]]:
+        """A whole request, decode included: (mark at each step's end) -> (final latents, steps computed)."""
         v = VARIANTS[name]
         if v is None:
             req = make_request(w, steps)  # outside the timed call, as for cosmos3
-            return lambda: self.run_diffusers(req)
+            return lambda mark: self.run_diffusers(req, mark)
         gen, req = self.generator(v), make_request(w, steps, v.step_cache)
 
-        def run() -> tuple[torch.Tensor, int]:
-            out = gen.generate(req, progress=False)
+        def run(mark: Callable[[], None]) -> tuple[torch.Tensor, int]:
+            out = gen.generate(req, progress=False, on_step=lambda i, n: mark())
             return out.latents, int(out.metadata.get("computed_steps", steps))
 
         return run
 
-    def run_diffusers(self, req: GenerateRequest) -> tuple[torch.Tensor, int]:
+    def run_diffusers(self, req: GenerateRequest, mark: Callable[[], None]) -> tuple[torch.Tensor, int]:
         """The reference pipeline with the fields `tests/test_generator_parity.py` passes (there its latents equal
         cosmos3's to 1e-4 in fp32); the final latents are taken by the step callback, so the request still
         decodes and postprocesses its frames as a user's would."""
@@ -267,6 +284,7 @@ class Bench:
 
         def keep(pipe, i: int, t, kwargs: dict) -> dict:
             final["latents"] = kwargs["latents"].clone()
+            mark()
             return {}
 
         kwargs = dict(
@@ -293,11 +311,13 @@ class Bench:
     def timed_run(
         self, wname: str, name: str, w: Workload, steps: int, warmup: bool = False
     ) -> tuple[Run, torch.Tensor]:
-        seconds, peak, latents, computed = timed(self.runner(name, w, steps))
-        run = Run(wname, name, steps, computed, round(seconds, 3), round(peak, 2), warmup)
+        seconds, peak, latents, computed, ends = timed(self.runner(name, w, steps))
+        run = Run(wname, name, steps, computed, round(seconds, 3), round(peak, 2), warmup, ends)
         self.record["runs"].append(asdict(run))
         write_json(self.record, self.out)
-        print(json.dumps(asdict(run)), flush=True)
+        durations = step_durations(run)
+        shown = {k: v for k, v in asdict(run).items() if k != "step_ends"}  # every step end is in --out
+        print(json.dumps({**shown, "step_median_s": round(statistics.median(durations), 4) if durations else None}))
         return run, latents
 
     def probe(self, names: list[str], w: Workload) -> None:
@@ -328,8 +348,8 @@ class Bench:
                     same[name] = twin
         measured = [n for n in names if n not in same]
         warm: dict[str, float] = {}
-        for name in measured:
-            warm[name] = self.timed_run(wname, name, w, steps[0], warmup=True)[0].s
+        for name in measured:  # at n_lo; with one step count at 1 step (it compiles the same shapes)
+            warm[name] = self.timed_run(wname, name, w, steps[0] if len(steps) == 2 else 1, warmup=True)[0].s
         if any(VARIANTS[n] is not None and VARIANTS[n].compile for n in measured):
             settle_compile_workers()
         runs: dict[str, dict[int, list[Run]]] = {n: {s: [] for s in steps} for n in measured}
@@ -347,7 +367,7 @@ class Bench:
             row = summarise(wname, name, steps, runs[name], warm[name], self.record["probe"].get(name))
             row["shared_runs_with"] = same.get(name)
             if exact is not None:
-                for key, n in (("rel_err", steps[1]), ("rel_err_lo", steps[0])):
+                for key, n in (("rel_err", steps[-1]), ("rel_err_lo", steps[0])):
                     row[key] = round(float((latents[name][n] - exact[n]).norm() / exact[n].norm()), 4)
             self.record["rows"].append(row)
         add_ratios(self.record["rows"])
@@ -359,32 +379,45 @@ class Bench:
             torch.cuda.empty_cache()
 
 
-def summarise(wname: str, name: str, steps: tuple[int, int], runs: dict[int, list[Run]], warm_s: float, probe) -> dict:
-    """Seconds at both step counts (medians), per-step and fixed cost, and the 35-step request time."""
-    lo, hi = steps
-    t_lo, t_hi = (statistics.median(r.s for r in runs[n]) for n in steps)
-    c_lo, c_hi = runs[lo][0].computed, runs[hi][0].computed
-    per_step = (t_hi - t_lo) / (c_hi - c_lo) if c_hi != c_lo else math.nan
-    fixed = t_lo - c_lo * per_step
+def summarise(wname: str, name: str, steps: tuple[int, ...], runs: dict[int, list[Run]], warm_s: float, probe) -> dict:
+    """Seconds at each step count (medians), per-step and fixed cost, and the 35-step request time. With two step
+    counts the per-step time is the fit of the docstring, and "s_step_timed" (the median step of the n_hi request,
+    timed in it) checks it; with one count the per-step time is that median step and fixed = t - n * per-step."""
     cached = VARIANTS[name] is not None and VARIANTS[name].step_cache is not None
+    times = {n: statistics.median(r.s for r in runs[n]) for n in steps}
+    computed = {n: runs[n][0].computed for n in steps}
+    hi = steps[-1]
+    durations = [d for r in runs[hi] for d in step_durations(r)]
+    timed_step = statistics.median(durations) if durations and not cached else math.nan
+    if len(steps) == 2:
+        lo = steps[0]
+        c_lo, c_hi = computed[lo], computed[hi]
+        per_step = (times[hi] - times[lo]) / (c_hi - c_lo) if c_hi != c_lo else math.nan
+        fixed = times[lo] - c_lo * per_step
+        one_step = times[lo] - (c_lo - 1) * per_step
+    else:  # a step-cache variant's skipped steps are not model steps: no per-step figure from its steps' median
+        per_step, fixed = timed_step, times[hi] - computed[hi] * timed_step
+        one_step = fixed + per_step
     if TARGET_STEPS in steps:  # measured, not projected
-        c35, s35 = runs[TARGET_STEPS][0].computed, t_hi if hi == TARGET_STEPS else t_lo
+        c35, s35 = computed[TARGET_STEPS], times[TARGET_STEPS]
     else:
         c35 = (probe["computed"] if probe else None) if cached else TARGET_STEPS
         s35 = fixed + c35 * per_step if c35 is not None else math.nan
     return dict(
         workload=wname,
         variant=name,
-        steps=[lo, hi],
-        s_lo=round(t_lo, 3),
-        s_hi=round(t_hi, 3),
+        steps=list(steps),
+        s_lo=round(times[steps[0]], 3) if len(steps) == 2 else None,
+        s_hi=round(times[hi], 3),
         s_per_step=rounded(per_step, 4),
+        s_step_timed=rounded(timed_step, 4),
         fixed_s=rounded(fixed, 3),
         s_35=rounded(s35, 2),
         computed_35=c35,
         warmup_s=round(warm_s, 2),
-        # The warm-up runs at n_lo: what it takes beyond a warm request at n_lo is the compile (and first-call setup).
-        compile_s=round(warm_s - t_lo, 2),
+        # The warm-up runs at n_lo (one count: at 1 step): beyond a warm request of as many steps, it is the
+        # compile (and first-call setup).
+        compile_s=rounded(warm_s - (times[steps[0]] if len(steps) == 2 else one_step), 2),
         peak_gib=max(r.peak_gib for n in steps for r in runs[n]),
     )
 
@@ -410,7 +443,8 @@ def estimate(names: list[str], plan: dict[str, tuple[int, int]], repeat: int, pr
     shapes = [(w, plan[w]) for w in plan] + ([("probe", (1, TARGET_STEPS))] if probe else [])
     for wname, steps in shapes:
         d_step, c_step, d_fixed, c_fixed = ANCHORS.get(wname, (0.0, 0.0, 0.0, 0.0))
-        counts = [steps[0]] + [n for n in steps for _ in range(repeat)]  # the warm-up, then the timed runs
+        warmup = steps[0] if len(steps) == 2 else 1
+        counts = [warmup] + [n for n in steps for _ in range(repeat)]  # the warm-up, then the timed runs
         for name in names if wname != "probe" else ["exact"] + [n for n in names if is_cached(n)]:
             v = VARIANTS[name]
             if v is None:
@@ -459,7 +493,7 @@ def print_tables(records: list[dict]) -> None:
         m = rec["meta"]
         print(f"{m['gpu']}, torch {m['torch']}, diffusers {m['diffusers']}, {m['date']} (`{m['command']}`)")
     print()
-    header = ["workload", "variant", "steps", "s (lo)", "s (hi)", "s/step", "fixed s", "35-step s"]
+    header = ["workload", "variant", "steps", "s (lo)", "s (hi)", "s/step", "s/step timed", "fixed s", "35-step s"]
     header += ["ratio s/step", "ratio fixed", "ratio 35-step", "warm-up s", "peak GiB", "rel. err vs exact"]
     print("| " + " | ".join(header) + " |")
     print("| " + " | ".join("---" if i < 3 else "---:" for i in range(len(header))) + " |")
@@ -472,8 +506,9 @@ def print_tables(records: list[dict]) -> None:
                 notes.add("cache")
             if r.get("shared_runs_with"):
                 notes.add(f"{r['variant']}={r['shared_runs_with']}")
-            cells = [r["workload"], r["variant"], f"{r['steps'][0]}, {r['steps'][1]}", fmt(r["s_lo"]), fmt(r["s_hi"])]
-            cells += [fmt(r["s_per_step"]), fmt(r["fixed_s"]), s35]
+            steps = ", ".join(str(n) for n in r["steps"])
+            cells = [r["workload"], r["variant"], steps, fmt(r.get("s_lo")), fmt(r["s_hi"])]
+            cells += [fmt(r["s_per_step"]), fmt(r.get("s_step_timed")), fmt(r["fixed_s"]), s35]
             cells += [fmt(r[f"ratio_{k}"]) for k in ("s_per_step", "fixed_s", "s_35")]
             cells += [fmt(r["warmup_s"]), fmt(r["peak_gib"]), fmt(r.get("rel_err"))]
             print("| " + " | ".join(cells) + " |")
@@ -497,7 +532,13 @@ def main() -> None:
     parser.add_argument("--preset", default="nano")
     parser.add_argument("--workloads", nargs="+", default=["t2i-720p", "t2v-480p", "t2v-720p", "i2v-720p"])
     parser.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS, choices=list(VARIANTS))
-    parser.add_argument("--steps", nargs=2, type=int, help="n_lo n_hi for every workload (default: per workload)")
+    parser.add_argument(
+        "--steps",
+        nargs="+",
+        type=int,
+        help="n_lo n_hi for every workload (default: per workload); one count N: whole N-step requests only, the "
+        "per-step time from the steps timed inside them",
+    )
     parser.add_argument("--quick", action="store_true", help="video at 1 and 2 steps")
     parser.add_argument("--repeat", type=int, default=1, help="timed requests per step count (median)")
     parser.add_argument("--no-probe", action="store_true", help="skip the 35-step probe of step-cache variants")
@@ -529,8 +570,8 @@ def main() -> None:
     for wname in args.workloads:
         w = WORKLOADS[wname]
         steps = tuple(args.steps) if args.steps else (w.quick_steps if args.quick else w.steps)
-        if steps[0] >= steps[1]:
-            parser.error(f"steps must be n_lo < n_hi, got {steps}")
+        if len(steps) not in (1, 2) or min(steps) < 1 or (len(steps) == 2 and steps[0] >= steps[1]):
+            parser.error(f"--steps takes n_lo < n_hi or one count, all at least 1; got {list(steps)}")
         plan[wname] = steps
     cached = [n for n in names if is_cached(n)]
     probe = bool(cached) and "exact" in names and not args.no_probe
