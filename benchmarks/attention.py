@@ -1,6 +1,6 @@
 """The generation attention of one text2video: which SDPA backend runs it, and how fast, with grouped or expanded KV
-heads and each memory layout. Nano at 720p: 44,160 queries over 44,460 keys (300 prompt tokens), 32 query heads
-on 8 KV heads of 128.
+heads and each memory layout; then the fast path's FP8 attention (`cosmos3.model.fp8_attention`, cuDNN). Nano at
+720p: 44,160 queries over 44,460 keys (300 prompt tokens), 32 query heads on 8 KV heads of 128.
 
     python benchmarks/attention.py
     python benchmarks/attention.py --preset tiny --size tiny-smoke     # CPU smoke test
@@ -69,6 +69,19 @@ def main() -> None:
                 print(f"{backend.name:22s} {name:15s} {ms:8.2f} ms {flops / ms / 1e9:6.0f} TFLOP/s  rel.err {err:.1e}")
             except RuntimeError as exc:
                 print(f"{backend.name:22s} {name:15s} unsupported: {str(exc).splitlines()[0][:90]}")
+    from cosmos3.model import fp8_attention as fp8
+
+    why = fp8.available()
+    if why is not None:
+        print(f"FP8 (cuDNN)            skipped: {why}")
+        return
+    # The fast path's attention as the model calls it: [S, H, D] in, quantization and the bf16 output included.
+    out = fp8.fp8_attention(q, k, v).unflatten(1, (heads, d)).transpose(0, 1)[None]
+    err = ((out.float() - reference.float()).norm() / reference.float().norm()).item()
+    ms = milliseconds(lambda: fp8.fp8_attention(q, k, v), device)
+    print(f"{'FP8 (cuDNN)':22s} {'whole call':15s} {ms:8.2f} ms {flops / ms / 1e9:6.0f} TFLOP/s  rel.err {err:.1e}")
+    ms = milliseconds(lambda: fp8.quantize(q) and fp8.quantize(k) and fp8.quantize(v), device)
+    print(f"{'FP8 (cuDNN)':22s} {'quantize q,k,v':15s} {ms:8.2f} ms")
 
 
 if __name__ == "__main__":

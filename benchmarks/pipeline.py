@@ -95,6 +95,7 @@ class Variant:
     fp8: bool = False
     compile: bool | str = False  # True, False or "auto" (compile only passes of AUTO_COMPILE_ROWS rows and more)
     step_cache: float | None = None
+    fp8_attention: bool = False
 
 
 # One line per variant; None is the reference pipeline. "fast" is what `cosmos3.load(..., fast=True)` sets.
@@ -105,8 +106,9 @@ VARIANTS: dict[str, Variant | None] = {
     "compile": Variant(compile=True),
     "fp8": Variant(fp8=True),
     "fp8+compile": Variant(fp8=True, compile=True),
+    "fp8attn+compile": Variant(fp8=True, compile=True, fp8_attention=True),  # fast without the step cache
     "cache": Variant(step_cache=FAST_STEP_CACHE),
-    "fast": Variant(fp8=True, compile=True, step_cache=FAST_STEP_CACHE),
+    "fast": Variant(fp8=True, compile=True, step_cache=FAST_STEP_CACHE, fp8_attention=True),
 }
 DEFAULT_VARIANTS = ["diffusers", "exact", "compile", "fp8+compile", "fast"]
 
@@ -241,16 +243,20 @@ class Bench:
         """cosmos3 with `v`'s model switches, on the same weight tensors as every other variant: a module copy
         whose parameters and buffers are the base model's own (the deepcopy memo maps each to itself), then FP8
         (adds the FP8 copy of the generation linears) and torch.compile as `cosmos3.engine.Engine` applies them."""
-        key = (v.fp8, v.compile)
+        key = (v.fp8, v.compile, v.fp8_attention)
         if key not in self.generators:
             model = self.base
-            if key != (False, False):
+            if key != (False, False, False):
                 shared = {id(t): t for t in itertools.chain(self.base.parameters(), self.base.buffers())}
                 model = copy.deepcopy(self.base, memo=shared)
                 if v.fp8:
                     from cosmos3.model.fp8 import use_fp8_generation_linears
 
                     use_fp8_generation_linears(model)
+                if v.fp8_attention:
+                    from cosmos3.model.fp8_attention import use_fp8_attention
+
+                    use_fp8_attention(model)
                 if v.compile is True:
                     model.compile_generation_layers()
                 elif v.compile == "auto" and self.device.type == "cuda":  # as the Engine: auto is off on the CPU
@@ -343,7 +349,7 @@ class Bench:
         for name in names:
             v = VARIANTS[name]
             if v is not None and v.step_cache is not None and max(steps) <= ALWAYS_COMPUTED:
-                twin = next((n for n in names if VARIANTS[n] == Variant(v.fp8, v.compile)), None)
+                twin = next((n for n in names if VARIANTS[n] == Variant(v.fp8, v.compile, None, v.fp8_attention)), None)
                 if twin is not None:
                     same[name] = twin
         measured = [n for n in names if n not in same]
@@ -451,7 +457,7 @@ def estimate(names: list[str], plan: dict[str, tuple[int, int]], repeat: int, pr
                 total += sum(d_fixed + n * d_step for n in counts)
                 continue
             if wname != "probe" and v.step_cache is not None and max(steps) <= ALWAYS_COMPUTED:
-                if Variant(v.fp8, v.compile) in [VARIANTS[n] for n in names]:
+                if Variant(v.fp8, v.compile, None, v.fp8_attention) in [VARIANTS[n] for n in names]:
                     continue  # reuses its twin's runs
             step = c_step * STEP_FACTOR[(v.fp8, bool(v.compile))]
             frac = CACHE_FRACTION if v.step_cache is not None else 1.0

@@ -48,6 +48,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--fp8", action="store_true", help="FP8 matmuls in the generation pathway (Hopper)")
     p.add_argument(
+        "--fp8-attention", action="store_true", help="FP8 attention in the generation pathway (Hopper, cuDNN)"
+    )
+    p.add_argument(
         "--compile",
         nargs="?",
         const=True,
@@ -56,7 +59,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
         help="torch.compile the generation layer: on (bare --compile), off, or auto (default: on a single GPU, "
         "for 480p video and larger)",
     )
-    p.add_argument("--fast", action="store_true", help="FP8 + compile + step cache 0.05 (README: Speed)")
+    p.add_argument(
+        "--fast", action="store_true", help="FP8 matmuls and attention + compile + step cache 0.05 (README: Speed)"
+    )
     p.add_argument("--vae-tiling", action="store_true", help="decode the video in tiles (less memory)")
     # Seed 001's scaling flags; the world size is their product. Started here, one process per GPU (or torchrun).
     p.add_argument("--tensor-parallel-size", type=int, default=1, help="split heads and MLPs over N GPUs")
@@ -445,7 +450,8 @@ def _guardrails(args: argparse.Namespace):
 
 def _engine_options(args: argparse.Namespace, **overrides: Any) -> dict[str, Any]:
     """The keyword arguments of `cosmos3.load` that the model flags set."""
-    names = ("device", "dtype", "surfaces", "fp8", "compile", "fast", "vae_tiling", "layerwise_offload", "revision")
+    names = ("device", "dtype", "surfaces", "fp8", "fp8_attention", "compile", "fast", "vae_tiling")
+    names += ("layerwise_offload", "revision")
     names += ("tensor_parallel_size", "cfg_parallel_size", "ulysses_degree")
     return {**{name: getattr(args, name) for name in names}, **overrides}
 

@@ -78,6 +78,7 @@ class Engine:
         layerwise_offload: bool = False,
         groups: Groups = SINGLE,
         fast: bool = False,
+        fp8_attention: bool = False,
     ):
         from transformers import AutoTokenizer
 
@@ -92,10 +93,12 @@ class Engine:
         if fast:  # every speed option that changes results beyond bf16 noise, together (README: Speed)
             if groups.tp is not None or layerwise_offload:
                 raise RequestError("fast", True, "false with tensor_parallel_size > 1 or layerwise_offload (FP8)")
-            fp8, compile = True, True
+            fp8, fp8_attention, compile = True, True, True
         # Not combined yet: FP8 and compile replace or trace the very modules that TP and offload rewire.
         if fp8 and (groups.tp is not None or layerwise_offload):
             raise RequestError("fp8", True, "false with tensor_parallel_size > 1 or layerwise_offload")
+        if fp8_attention and groups.distributed:  # tensor- and sequence-parallel attention hooks into the exact one
+            raise RequestError("fp8_attention", True, "false with more than one GPU")
         if compile is True and layerwise_offload:
             raise RequestError("compile", True, "false with layerwise_offload")
 
@@ -132,6 +135,13 @@ class Engine:
             from cosmos3.model.fp8 import use_fp8_generation_linears
 
             use_fp8_generation_linears(self.transformer)
+        if fp8_attention and "generator" in self.surfaces:
+            from cosmos3.model.fp8_attention import available, use_fp8_attention
+
+            why = available() if self.device.type == "cuda" else "FP8 attention needs a CUDA device"
+            if why is not None:
+                raise RequestError("fast" if fast else "fp8_attention", True, "false", f"is not possible here ({why})")
+            use_fp8_attention(self.transformer)
         one_gpu = self.device.type == "cuda" and not groups.distributed and not layerwise_offload
         if compile is True:
             self.transformer.compile_generation_layers()
@@ -376,6 +386,7 @@ def load(
     guardrails: bool | Guardrail | None = None,
     vae_tiling: bool = False,
     fast: bool = False,
+    fp8_attention: bool = False,
     tensor_parallel_size: int = 1,
     cfg_parallel_size: int = 1,
     ulysses_degree: int = 1,
@@ -395,8 +406,9 @@ def load(
     `AUTO_COMPILE_ROWS` generation rows (480p video and up, where it pays back its compile time) and the
     Reasoner's decode step; True compiles every pass, False none. Opt-in speed options (see benchmarks/README.md
     for their effect on speed and output):
-    `fp8=True` runs the generation pathway's matmuls in FP8 (Hopper), `fast=True` is FP8 + compile + the step cache
-    (`step_cache=0.05` for requests that set none), `vae_tiling=True` decodes the video in tiles to bound memory.
+    `fp8=True` runs the generation pathway's matmuls in FP8 (Hopper), `fp8_attention=True` its attention (cuDNN's
+    FP8 flash attention, Hopper), `fast=True` is both + compile + the step cache (`step_cache=0.05` for requests
+    that set none), `vae_tiling=True` decodes the video in tiles to bound memory.
     Beyond one GPU (seed 001; the world size is the product of the three degrees): `tensor_parallel_size` splits
     every layer's heads and MLP over GPUs, `cfg_parallel_size=2` runs the two guidance branches on two GPUs,
     `ulysses_degree` splits the generated tokens over GPUs. This process becomes rank 0 and starts the other
@@ -423,6 +435,7 @@ def load(
         vae_tiling=vae_tiling,
         layerwise_offload=layerwise_offload,
         fast=fast,
+        fp8_attention=fp8_attention,
     )
     groups = SINGLE
     if layout.world_size > 1:

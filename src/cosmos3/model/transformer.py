@@ -116,6 +116,9 @@ class Cosmos3Transformer(nn.Module):
     # `compile_decode_layers`; plain functions otherwise (prefill and the prompt cache always run them plain).
     compiled_und_in: Callable | None = None
     compiled_und_out: Callable | None = None
+    # The generation rows' attention over their prompt's keys and their own (`layers.attention` unless FP8 attention
+    # is on: `cosmos3.model.fp8_attention`, set by `use_fp8_attention`).
+    generation_attention: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] = staticmethod(attention)
     # Called after every layer of the prompt cache and the generation pass (the server's worker sets it for a
     # batch, so that a waiting conversation can take the GPU between layers: cosmos3.turns).
     between_layers: Callable[[], None] | None = None
@@ -381,7 +384,7 @@ class Cosmos3Transformer(nn.Module):
             k, v = k[:, : sp.tokens], v[:, : sp.tokens]  # the padding rows are never attended to
             und_kv = [(sp.own_kv_heads(k_und), sp.own_kv_heads(v_und)) for k_und, v_und in und_kv]
         attended = [
-            attention(q[b], torch.cat([k_und, k[b]]), torch.cat([v_und, v[b]]))
+            self.generation_attention(q[b], torch.cat([k_und, k[b]]), torch.cat([v_und, v[b]]))
             for b, (k_und, v_und) in enumerate(und_kv)
         ]
         out = attended[0][None] if branches == 1 else torch.stack(attended)  # one branch: no copy
