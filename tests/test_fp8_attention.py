@@ -20,6 +20,17 @@ def test_quantize_keeps_e4m3_precision_and_uses_its_range():
     assert 0 < err < 0.04  # e4m3 keeps 3 mantissa bits: ~2-3% RMS, never exact for random data
 
 
+def test_graph_cache_keeps_the_most_recent_shapes(monkeypatch):
+    monkeypatch.setattr(fp8, "_graphs", type(fp8._graphs)())
+    monkeypatch.setattr(fp8, "MAX_GRAPHS", 3)
+    for n in range(5):
+        fp8._remember(("shape", n), (n,))
+    assert list(fp8._graphs) == [("shape", 2), ("shape", 3), ("shape", 4)]
+    fp8._graphs.move_to_end(("shape", 2))  # a hit, as `_graph` makes it
+    fp8._remember(("shape", 5), (5,))
+    assert list(fp8._graphs) == [("shape", 4), ("shape", 2), ("shape", 5)]
+
+
 def test_fp8_attention_is_refused_where_it_cannot_run():
     import cosmos3
 

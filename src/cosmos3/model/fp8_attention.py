@@ -16,15 +16,29 @@ from __future__ import annotations
 
 import math
 import threading
+from collections import OrderedDict
 
 import torch
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0  # the largest finite e4m3 value
 
+# Built graphs, the most recently used last. The key length follows the prompt's, so a server meets a new shape with
+# most new prompts: the oldest graphs (and their workspaces) go once there are more than this.
+MAX_GRAPHS = 64
+
 _lock = threading.Lock()
-_graphs: dict[tuple, tuple] = {}  # (shapes, device) -> (graph, tensors, workspace)
+_graphs: OrderedDict[tuple, tuple] = OrderedDict()  # shapes, strides, device -> (graph, tensors, workspace, handle)
 _handles: dict[int, object] = {}  # device index -> cuDNN handle
+
+
+def _remember(key: tuple, entry: tuple) -> tuple:
+    """Keep `entry` under `key` as the most recent graph, dropping the oldest beyond MAX_GRAPHS (call with _lock)."""
+    _graphs[key] = entry
+    _graphs.move_to_end(key)
+    while len(_graphs) > MAX_GRAPHS:
+        _graphs.popitem(last=False)
+    return entry
 
 
 def available() -> str | None:
@@ -63,6 +77,7 @@ def _graph(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor)
     key = (q.shape, q.stride(), k.shape, k.stride(), v.shape, v.stride(), out.stride(), q.device)
     with _lock:
         if key in _graphs:
+            _graphs.move_to_end(key)
             return _graphs[key]
         handle = _handle(q.device)
         e4m3, f32 = cudnn.data_type.FP8_E4M3, cudnn.data_type.FLOAT
@@ -99,8 +114,7 @@ def _graph(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor)
         graph.check_support()
         graph.build_plans()
         workspace = torch.empty(graph.get_workspace_size(), device=q.device, dtype=torch.uint8)
-        _graphs[key] = (graph, tensors, workspace, handle)
-        return _graphs[key]
+        return _remember(key, (graph, tensors, workspace, handle))
 
 
 def quantize(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
