@@ -2,7 +2,7 @@
 
 At 720p two thirds of a denoising step is the generation rows' attention (about 44,000 queries over as many keys),
 and cuDNN's bf16 kernel, which diffusers uses too, is already near the GPU's bf16 peak; its FP8 kernel does the same
-work on the FP8 tensor cores (benchmarks/attention_fp8.py measures both). torch's SDPA has no FP8 path (torch 2.11),
+work on the FP8 tensor cores (benchmarks/attention.py measures both). torch's SDPA has no FP8 path (torch 2.11),
 so the kernel is reached through cuDNN's own Python frontend (`nvidia-cudnn-frontend`), one graph per shape.
 
 Scales are per tensor and stay on the GPU (no host sync): q, k and v are each divided by amax / 448 before the cast,
@@ -20,8 +20,7 @@ from collections import OrderedDict
 
 import torch
 
-FP8 = torch.float8_e4m3fn
-FP8_MAX = 448.0  # the largest finite e4m3 value
+from cosmos3.model.fp8 import FP8, FP8_MAX  # e4m3 and its largest finite value, as the FP8 matmuls use them
 
 # Built graphs, the most recently used last. The key length follows the prompt's, so a server meets a new shape with
 # most new prompts: the oldest graphs (and their workspaces) go once there are more than this.
