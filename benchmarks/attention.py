@@ -1,6 +1,7 @@
 """The generation attention of one text2video: which SDPA backend runs it, and how fast, with grouped or expanded KV
-heads and each memory layout; then the fast path's FP8 attention (`cosmos3.model.fp8_attention`, cuDNN). Nano at
-720p: 44,160 queries over 44,460 keys (300 prompt tokens), 32 query heads on 8 KV heads of 128.
+heads and each memory layout; then FlashAttention-4 (`cosmos3.model.flash_attention`) and the fast path's FP8
+attention (`cosmos3.model.fp8_attention`, cuDNN). Nano at 720p: 44,160 queries over 44,460 keys (300 prompt
+tokens), 32 query heads on 8 KV heads of 128.
 
     python benchmarks/attention.py
     python benchmarks/attention.py --preset tiny --size tiny-smoke     # CPU smoke test
@@ -69,6 +70,21 @@ def main() -> None:
                 print(f"{backend.name:22s} {name:15s} {ms:8.2f} ms {flops / ms / 1e9:6.0f} TFLOP/s  rel.err {err:.1e}")
             except RuntimeError as exc:
                 print(f"{backend.name:22s} {name:15s} unsupported: {str(exc).splitlines()[0][:90]}")
+    from cosmos3.model import flash_attention as fa
+
+    why = fa.available(device, q.dtype)
+    if why is not None:
+        print(f"FlashAttention-4        skipped: {why}")
+    else:
+        # As the model calls it: [S, H, D] in (q a view of a fused projection's output), [S, H * D] out.
+        qkv = torch.cat([q.flatten(1), k.flatten(1)[:q_len], v.flatten(1)[:q_len]], dim=1)
+        q_view = qkv[:, : heads * d].unflatten(1, (heads, d))
+        out = fa.flash_attention(q_view, k, v).unflatten(1, (heads, d)).transpose(0, 1)[None]
+        err = ((out.float() - reference.float()).norm() / reference.float().norm()).item()
+        ms = milliseconds(lambda: fa.flash_attention(q_view, k, v), device)
+        print(
+            f"{'FlashAttention-4':22s} {'view+gqa':15s} {ms:8.2f} ms {flops / ms / 1e9:6.0f} TFLOP/s  rel.err {err:.1e}"
+        )
     from cosmos3.model import fp8_attention as fp8
 
     why = fp8.available()

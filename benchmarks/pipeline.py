@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import itertools
 import json
 import math
@@ -96,13 +97,20 @@ class Variant:
     compile: bool | str = False  # True, False or "auto" (compile only passes of AUTO_COMPILE_ROWS rows and more)
     step_cache: float | None = None
     fp8_attention: bool = False
+    flash_attention: bool | str = False  # FlashAttention-4: "auto" from MIN_QUERIES queries, as the Engine's default
+
+    def without_cache(self) -> Variant:
+        return dataclasses.replace(self, step_cache=None)
 
 
 # One line per variant; None is the reference pipeline. "fast" is what `cosmos3.load(..., fast=True)` sets.
 VARIANTS: dict[str, Variant | None] = {
     "diffusers": None,
     "exact": Variant(),  # cosmos3's exact path (same arithmetic as the reference; the CPU parity tests run it)
-    "auto": Variant(compile="auto"),  # the Engine's default on one GPU
+    "flash": Variant(flash_attention="auto"),  # the exact path with FlashAttention-4 (bf16, exact arithmetic class)
+    "auto": Variant(compile="auto", flash_attention="auto"),  # the Engine's default on one GPU
+    "auto-sdpa": Variant(compile="auto"),  # the default before FlashAttention-4 (cuDNN's SDPA)
+    "flash+compile": Variant(compile=True, flash_attention="auto"),
     "compile": Variant(compile=True),
     "fp8": Variant(fp8=True),
     "fp8+compile": Variant(fp8=True, compile=True),
@@ -227,7 +235,7 @@ class Bench:
         self.pipe.set_progress_bar_config(disable=True)
         self.codec = VideoCodec(vae, cfg.latent_channel)
         self.schedule = Schedule(dict(scheduler.config))
-        self.generators: dict[tuple[bool, bool | str], Generator] = {}
+        self.generators: dict[tuple, Generator] = {}
         self.record: dict = {
             "meta": {**environment(self.device), "preset": args.preset, "command": " ".join(sys.argv)},
             "probe": {},
@@ -243,10 +251,10 @@ class Bench:
         """cosmos3 with `v`'s model switches, on the same weight tensors as every other variant: a module copy
         whose parameters and buffers are the base model's own (the deepcopy memo maps each to itself), then FP8
         (adds the FP8 copy of the generation linears) and torch.compile as `cosmos3.engine.Engine` applies them."""
-        key = (v.fp8, v.compile, v.fp8_attention)
+        key = (v.fp8, v.compile, v.fp8_attention, v.flash_attention)
         if key not in self.generators:
             model = self.base
-            if key != (False, False, False):
+            if key != (False, False, False, False):
                 shared = {id(t): t for t in itertools.chain(self.base.parameters(), self.base.buffers())}
                 model = copy.deepcopy(self.base, memo=shared)
                 if v.fp8:
@@ -257,6 +265,10 @@ class Bench:
                     from cosmos3.model.fp8_attention import use_fp8_attention
 
                     use_fp8_attention(model)
+                elif v.flash_attention:
+                    from cosmos3.model.flash_attention import MIN_QUERIES, use_flash_attention
+
+                    use_flash_attention(model, self.device, MIN_QUERIES if v.flash_attention == "auto" else 0)
                 if v.compile is True:
                     model.compile_generation_layers()
                 elif v.compile == "auto" and self.device.type == "cuda":  # as the Engine: auto is off on the CPU
@@ -349,7 +361,7 @@ class Bench:
         for name in names:
             v = VARIANTS[name]
             if v is not None and v.step_cache is not None and max(steps) <= ALWAYS_COMPUTED:
-                twin = next((n for n in names if VARIANTS[n] == Variant(v.fp8, v.compile, None, v.fp8_attention)), None)
+                twin = next((n for n in names if VARIANTS[n] == v.without_cache()), None)
                 if twin is not None:
                     same[name] = twin
         measured = [n for n in names if n not in same]
@@ -457,7 +469,7 @@ def estimate(names: list[str], plan: dict[str, tuple[int, int]], repeat: int, pr
                 total += sum(d_fixed + n * d_step for n in counts)
                 continue
             if wname != "probe" and v.step_cache is not None and max(steps) <= ALWAYS_COMPUTED:
-                if Variant(v.fp8, v.compile, None, v.fp8_attention) in [VARIANTS[n] for n in names]:
+                if v.without_cache() in [VARIANTS[n] for n in names]:
                     continue  # reuses its twin's runs
             step = c_step * STEP_FACTOR[(v.fp8, bool(v.compile))]
             frac = CACHE_FRACTION if v.step_cache is not None else 1.0

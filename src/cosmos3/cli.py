@@ -60,6 +60,15 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
         "for 480p video and larger)",
     )
     p.add_argument(
+        "--flash-attention",
+        nargs="?",
+        const=True,
+        default="auto",
+        type=lambda v: {"on": True, "off": False, "auto": "auto"}[v],
+        help="FlashAttention-4 for the generation attention (flash-attn-4 package, Hopper/Blackwell): on (bare "
+        "--flash-attention), off, or auto (default: where installed, for 256p video and larger)",
+    )
+    p.add_argument(
         "--fast", action="store_true", help="FP8 matmuls and attention + compile + step cache 0.05 (README: Speed)"
     )
     p.add_argument("--vae-tiling", action="store_true", help="decode the video in tiles (less memory)")
@@ -450,7 +459,7 @@ def _guardrails(args: argparse.Namespace):
 
 def _engine_options(args: argparse.Namespace, **overrides: Any) -> dict[str, Any]:
     """The keyword arguments of `cosmos3.load` that the model flags set."""
-    names = ("device", "dtype", "surfaces", "fp8", "fp8_attention", "compile", "fast", "vae_tiling")
+    names = ("device", "dtype", "surfaces", "fp8", "fp8_attention", "flash_attention", "compile", "fast", "vae_tiling")
     names += ("layerwise_offload", "revision")
     names += ("tensor_parallel_size", "cfg_parallel_size", "ulysses_degree")
     return {**{name: getattr(args, name) for name in names}, **overrides}

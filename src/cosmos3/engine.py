@@ -51,7 +51,7 @@ SURFACES = ("generator", "reasoner")
 # Smaller defaults for the tiny model so that every command finishes on a CPU in seconds.
 TINY_DEFAULTS = {"resolution": "256", "num_frames": 17, "num_steps": 8}
 
-COMPILE_CHOICES = (True, False, "auto")
+COMPILE_CHOICES = (True, False, "auto")  # also flash_attention's
 # compile="auto" compiles a pass only from this many generation rows (both branches): a 480p video has 2 x 18,720.
 # Measured on an H200 (benchmarks/profile_step.py): compiling takes ~9 s cold and ~2 s with a warm Inductor cache, and
 # saves 0.37 s of a 1.91 s 480p guided step (13 s over 35 steps); a 256p step (2 x 2,880 rows, 0.2 s) or a 720p
@@ -79,6 +79,7 @@ class Engine:
         groups: Groups = SINGLE,
         fast: bool = False,
         fp8_attention: bool = False,
+        flash_attention: bool | str = "auto",
     ):
         from transformers import AutoTokenizer
 
@@ -90,6 +91,8 @@ class Engine:
             guardrails = False
         if compile not in COMPILE_CHOICES or not isinstance(compile, bool | str):
             raise RequestError("compile", compile, "true, false or 'auto'")
+        if flash_attention not in COMPILE_CHOICES or not isinstance(flash_attention, bool | str):
+            raise RequestError("flash_attention", flash_attention, "true, false or 'auto'")
         if fast:  # every speed option that changes results beyond bf16 noise, together (README: Speed)
             if groups.tp is not None or layerwise_offload:
                 raise RequestError("fast", True, "false with tensor_parallel_size > 1 or layerwise_offload (FP8)")
@@ -99,6 +102,8 @@ class Engine:
             raise RequestError("fp8", True, "false with tensor_parallel_size > 1 or layerwise_offload")
         if fp8_attention and groups.distributed:  # tensor- and sequence-parallel attention hooks into the exact one
             raise RequestError("fp8_attention", True, "false with more than one GPU")
+        if fp8_attention and flash_attention is True:  # both replace the same attention
+            raise RequestError("flash_attention", True, "false or 'auto' with fp8_attention or fast")
         if compile is True and layerwise_offload:
             raise RequestError("compile", True, "false with layerwise_offload")
 
@@ -142,6 +147,14 @@ class Engine:
             if why is not None:
                 raise RequestError("fast" if fast else "fp8_attention", True, "false", f"is not possible here ({why})")
             use_fp8_attention(self.transformer)
+        elif flash_attention and "generator" in self.surfaces:
+            from cosmos3.model.flash_attention import MIN_QUERIES, available, use_flash_attention
+
+            why = available(self.device, self.dtype)
+            if why is None:
+                use_flash_attention(self.transformer, self.device, MIN_QUERIES if flash_attention == "auto" else 0)
+            elif flash_attention is True:
+                raise RequestError("flash_attention", True, "false or 'auto'", f"is not possible here ({why})")
         one_gpu = self.device.type == "cuda" and not groups.distributed and not layerwise_offload
         if compile is True:
             self.transformer.compile_generation_layers()
@@ -387,6 +400,7 @@ def load(
     vae_tiling: bool = False,
     fast: bool = False,
     fp8_attention: bool = False,
+    flash_attention: bool | str = "auto",
     tensor_parallel_size: int = 1,
     cfg_parallel_size: int = 1,
     ulysses_degree: int = 1,
@@ -404,7 +418,11 @@ def load(
     `surfaces=["reasoner"]` skips the generation pathway, VAE and audio codec (about half the memory).
     `compile="auto"` (the default) torch.compiles the generation layer on a single GPU for passes of at least
     `AUTO_COMPILE_ROWS` generation rows (480p video and up, where it pays back its compile time) and the
-    Reasoner's decode step; True compiles every pass, False none. Opt-in speed options (see benchmarks/README.md
+    Reasoner's decode step; True compiles every pass, False none. `flash_attention="auto"` (the default) runs the
+    generation rows' attention with FlashAttention-4 (the `flash-attn-4` package; Hopper or Blackwell, bf16) where
+    it is installed, from 2,048 queries a branch (256p video and up: 14% faster than cuDNN at 720p, the same exact
+    arithmetic class), and cuDNN's SDPA elsewhere; True everywhere it can (an error where it cannot), False never.
+    Opt-in speed options (see benchmarks/README.md
     for their effect on speed and output):
     `fp8=True` runs the generation pathway's matmuls in FP8 (Hopper), `fp8_attention=True` its attention (cuDNN's
     FP8 flash attention, Hopper), `fast=True` is both + compile + the step cache (`step_cache=0.05` for requests
@@ -436,6 +454,7 @@ def load(
         layerwise_offload=layerwise_offload,
         fast=fast,
         fp8_attention=fp8_attention,
+        flash_attention=flash_attention,
     )
     groups = SINGLE
     if layout.world_size > 1:
