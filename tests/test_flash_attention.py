@@ -4,6 +4,8 @@ SDPA and a whole forward against diffusers' transformer."""
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -24,6 +26,7 @@ def test_generation_attention_takes_flash_from_min_queries(monkeypatch):
         return attention(q, k, v) * 2  # distinguishable from the SDPA path's result
 
     monkeypatch.setattr(fa, "flash_attention", spy)
+    monkeypatch.setattr(fa, "_import", lambda: spy)
     dispatch = fa.GenerationAttention(min_queries=16)
     torch.manual_seed(0)
     k, v = torch.randn(20, 2, 8), torch.randn(20, 2, 8)
@@ -35,10 +38,28 @@ def test_generation_attention_takes_flash_from_min_queries(monkeypatch):
     assert calls == [16, 40]
 
 
+def test_broken_install_warns_once_under_auto_and_fails_when_asked_for(monkeypatch):
+    def broken():
+        raise ImportError("libcute_dsl_runtime.so: cannot open shared object file")
+
+    monkeypatch.setattr(fa, "_import", broken)
+    q, k = torch.randn(8, 4, 8), torch.randn(8, 2, 8)
+    auto = fa.GenerationAttention(min_queries=1)
+    with pytest.warns(UserWarning, match="FlashAttention-4 failed to load .*cannot open shared object.* cuDNN"):
+        out = auto(q, k, k)
+    torch.testing.assert_close(out, attention(q, k, k), atol=0, rtol=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once only: later calls go straight to SDPA
+        auto(q, k, k)
+    with pytest.raises(RuntimeError, match="FlashAttention-4 failed to load: ImportError: libcute_dsl"):
+        fa.GenerationAttention(min_queries=1, required=True)(q, k, k)
+
+
 def test_available_says_why_not():
     assert fa.available("cpu", torch.bfloat16) == "FlashAttention-4 needs a CUDA GPU"
     if torch.cuda.is_available():
         assert "bfloat16 or float16, not float32" in fa.available("cuda", torch.float32)
+        assert "steps of 8, not 12" in fa.available("cuda", torch.bfloat16, head_dim=12)
 
 
 def test_engine_flash_attention_switch_and_errors():

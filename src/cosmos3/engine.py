@@ -150,9 +150,10 @@ class Engine:
         elif flash_attention and "generator" in self.surfaces:
             from cosmos3.model.flash_attention import MIN_QUERIES, available, use_flash_attention
 
-            why = available(self.device, self.dtype)
+            why = available(self.device, self.dtype, self.transformer.config.head_dim)
             if why is None:
-                use_flash_attention(self.transformer, self.device, MIN_QUERIES if flash_attention == "auto" else 0)
+                auto = flash_attention == "auto"
+                use_flash_attention(self.transformer, self.device, MIN_QUERIES if auto else 0, required=not auto)
             elif flash_attention is True:
                 raise RequestError("flash_attention", True, "false or 'auto'", f"is not possible here ({why})")
         one_gpu = self.device.type == "cuda" and not groups.distributed and not layerwise_offload

@@ -22,9 +22,12 @@ of a machine compiles them.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
+import sys
 import threading
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -39,14 +42,16 @@ _import_lock = threading.Lock()
 _preload: threading.Thread | None = None
 
 
-def available(device: torch.device | str, dtype: torch.dtype) -> str | None:
-    """None when FlashAttention-4 can run on `device` in `dtype`, else why not (without importing it: that takes
-    seconds)."""
+def available(device: torch.device | str, dtype: torch.dtype, head_dim: int = 128) -> str | None:
+    """None when FlashAttention-4 can run on `device` in `dtype` with heads of `head_dim`, else why not (without
+    importing it: that takes seconds)."""
     device = torch.device(device)
     if device.type != "cuda" or not torch.cuda.is_available():
         return "FlashAttention-4 needs a CUDA GPU"
     if dtype not in (torch.bfloat16, torch.float16):
         return f"FlashAttention-4 runs in bfloat16 or float16, not {str(dtype).removeprefix('torch.')}"
+    if head_dim % 8 or not 8 <= head_dim <= 256:  # its kernels' tiles (16-byte rows of bf16)
+        return f"FlashAttention-4 takes head dimensions of 8 to 256 in steps of 8, not {head_dim}"
     major, _ = torch.cuda.get_device_capability(device)
     if major not in (9, 10):  # Hopper (H100, H200) and Blackwell data-centre GPUs (B200): its kernels' targets
         return f"FlashAttention-4 needs a Hopper or Blackwell GPU (compute capability 9.x or 10.x), not {major}.x"
@@ -55,7 +60,7 @@ def available(device: torch.device | str, dtype: torch.dtype) -> str | None:
     except ImportError:
         found = False
     if not found:
-        return "FlashAttention-4 needs the flash-attn-4 package (pip install 'cosmos3[flash]')"
+        return "FlashAttention-4 needs the flash-attn-4 package (a dependency of cosmos3 on Linux x86-64)"
     return None
 
 
@@ -68,12 +73,18 @@ def _import() -> Callable:
 
 
 def preload() -> None:
-    """Import FlashAttention-4 in a background thread (the first call waits for it; Python's import lock)."""
+    """Import FlashAttention-4 in a background thread, so that the checkpoint loads meanwhile (the first call waits
+    for it: Python's import lock; an import that fails there fails again, in the caller, at the first call)."""
     global _preload
     with _import_lock:
         if _preload is None:
-            _preload = threading.Thread(target=_import, name="flash-attn-4 import", daemon=True)
+            _preload = threading.Thread(target=_quiet_import, name="flash-attn-4 import", daemon=True)
             _preload.start()
+
+
+def _quiet_import() -> None:
+    with contextlib.suppress(Exception):  # reported by the first call, which imports again
+        _import()
 
 
 def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -87,23 +98,52 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.
 
 
 class GenerationAttention:
-    """The generation rows' attention with FlashAttention-4 from `min_queries` queries, cuDNN (SDPA) below."""
+    """The generation rows' attention with FlashAttention-4 from `min_queries` queries, cuDNN (SDPA) below.
 
-    def __init__(self, min_queries: int = MIN_QUERIES):
-        self.min_queries = min_queries
+    With `required=False` (`flash_attention="auto"`) a FlashAttention-4 that fails to import (a broken install)
+    is reported once as a warning and cuDNN runs every call; with `required=True` that failure is the caller's
+    error."""
+
+    def __init__(self, min_queries: int = MIN_QUERIES, required: bool = False):
+        self.min_queries, self.required = min_queries, required
+        self.loaded = False
+
+    def load(self) -> bool:
+        """Whether FlashAttention-4 is importable (imports it the first time)."""
+        if not self.loaded:
+            try:
+                _import()
+            except Exception as exc:  # ImportError, or the CUTLASS DSL's own errors loading its libraries
+                if self.required:
+                    raise RuntimeError(f"FlashAttention-4 failed to load: {type(exc).__name__}: {exc}") from exc
+                warnings.warn(
+                    f"FlashAttention-4 failed to load ({type(exc).__name__}: {exc}); the generation attention runs "
+                    "on cuDNN (flash_attention='auto'; pass flash_attention=False to skip it)",
+                    stacklevel=2,
+                )
+                self.min_queries = sys.maxsize
+                return False
+            self.loaded = True
+        return True
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        if q.shape[0] >= self.min_queries:
+        if q.shape[0] >= self.min_queries and self.load():
             return flash_attention(q, k, v)
         return attention(q, k, v)
 
 
-def use_flash_attention(model: torch.nn.Module, device: torch.device, min_queries: int = MIN_QUERIES) -> None:
+def use_flash_attention(
+    model: torch.nn.Module, device: torch.device, min_queries: int = MIN_QUERIES, required: bool = False
+) -> None:
     """Run `model`'s generation attention (`Cosmos3Transformer.generation_attention`) on `device` with
-    FlashAttention-4 from `min_queries` queries a branch. The understanding pathway (a prompt once per request, the
-    Reasoner) keeps SDPA."""
-    why = available(device, model.dtype)
+    FlashAttention-4 from `min_queries` queries a branch (`GenerationAttention`). The understanding pathway (a
+    prompt once per request, the Reasoner) keeps SDPA."""
+    why = available(device, model.dtype, model.config.head_dim)
     if why is not None:
         raise RuntimeError(why)
-    preload()
-    model.generation_attention = GenerationAttention(min_queries)
+    dispatch = GenerationAttention(min_queries, required)
+    if required:
+        dispatch.load()  # asked for by name: a broken install fails the load, not a request later
+    else:
+        preload()
+    model.generation_attention = dispatch
