@@ -23,15 +23,15 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-from checkpoint import full_vocab_tokenizer, serving_config
+from checkpoint import serving_config
 from common import SCHEDULE, SIZES, default_device, gpu_name, print_table, random_model, save_rows, wan22_vae
 
 import cosmos3
-from cosmos3.engine import AUTO_COMPILE_ROWS, Engine
+from cosmos3.engine import Engine, speed_up_generation
 from cosmos3.generation.codecs import VideoCodec
 from cosmos3.generation.pipeline import Generator
 from cosmos3.generation.sampler import Schedule
-from cosmos3.loading.tiny import write_pipeline
+from cosmos3.loading.tiny import build_tokenizer, write_pipeline
 from cosmos3.reasoning.decoding import Sampling
 from cosmos3.reasoning.reasoner import Reasoner
 from cosmos3.server.chat import Conversations
@@ -53,9 +53,9 @@ def build_engine(name: str, device: torch.device, folder: Path, compile: bool) -
         guardrails=False,
     )
     cfg, model = random_model(serving_config(name), device, dtype=dtype)
-    if compile:  # as the server's compile="auto" does on one GPU
-        model.compile_generation_layers(min_rows=AUTO_COMPILE_ROWS)
-    tokenizer = full_vocab_tokenizer(cfg.vocab_size)
+    if compile:  # as the server's defaults (compile="auto", flash_attention="auto") do on one GPU
+        speed_up_generation(model, device, compile="auto", one_gpu=device.type == "cuda")
+    tokenizer = build_tokenizer(cfg.vocab_size)  # every id a random model samples decodes to text
     video = VideoCodec(wan22_vae(device, cfg.latent_channel, full=name != "tiny"), cfg.latent_channel)
     parts = replace(engine.generator.parts, transformer=model, video=video, tokenizer=tokenizer)
     parts.schedule = Schedule(SCHEDULE)

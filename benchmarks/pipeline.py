@@ -44,7 +44,7 @@ import numpy as np
 import torch
 from common import SCHEDULE, VAE_SPATIAL, VAE_TEMPORAL, build_models, default_device, environment, wan22_vae, write_json
 
-from cosmos3.engine import AUTO_COMPILE_ROWS, FAST_STEP_CACHE
+from cosmos3.engine import FAST_STEP_CACHE, speed_up_generation
 from cosmos3.generation.codecs import VideoCodec
 from cosmos3.generation.parts import Parts
 from cosmos3.generation.pipeline import Generator
@@ -249,30 +249,24 @@ class Bench:
 
     def generator(self, v: Variant) -> Generator:
         """cosmos3 with `v`'s model switches, on the same weight tensors as every other variant: a module copy
-        whose parameters and buffers are the base model's own (the deepcopy memo maps each to itself), then FP8
-        (adds the FP8 copy of the generation linears) and torch.compile as `cosmos3.engine.Engine` applies them."""
+        whose parameters and buffers are the base model's own (the deepcopy memo maps each to itself), then the
+        switches as `cosmos3.load` applies them (`speed_up_generation`; FP8 adds its copy of the generation
+        linears)."""
         key = (v.fp8, v.compile, v.fp8_attention, v.flash_attention)
         if key not in self.generators:
             model = self.base
             if key != (False, False, False, False):
                 shared = {id(t): t for t in itertools.chain(self.base.parameters(), self.base.buffers())}
                 model = copy.deepcopy(self.base, memo=shared)
-                if v.fp8:
-                    from cosmos3.model.fp8 import use_fp8_generation_linears
-
-                    use_fp8_generation_linears(model)
-                if v.fp8_attention:
-                    from cosmos3.model.fp8_attention import use_fp8_attention
-
-                    use_fp8_attention(model)
-                elif v.flash_attention:
-                    from cosmos3.model.flash_attention import MIN_QUERIES, use_flash_attention
-
-                    use_flash_attention(model, self.device, MIN_QUERIES if v.flash_attention == "auto" else 0)
-                if v.compile is True:
-                    model.compile_generation_layers()
-                elif v.compile == "auto" and self.device.type == "cuda":  # as the Engine: auto is off on the CPU
-                    model.compile_generation_layers(min_rows=AUTO_COMPILE_ROWS)
+                speed_up_generation(
+                    model,
+                    self.device,
+                    fp8=v.fp8,
+                    fp8_attention=v.fp8_attention,
+                    flash_attention=v.flash_attention,
+                    compile=v.compile,
+                    one_gpu=self.device.type == "cuda",  # as the Engine: compile="auto" is off on the CPU
+                )
             parts = Parts(
                 transformer=model, video=self.codec, sound=None, tokenizer=self.tokenizer, schedule=self.schedule
             )

@@ -96,9 +96,12 @@ def test_engine_compile_and_fast_options_are_checked():
     # "auto" compiles only on a GPU: on the CPU the engine runs the plain layer.
     engine = cosmos3.load("tiny", device="cpu")
     assert engine.transformer.compiled_gen_in is None and engine.transformer.compiled_und_in is None
-    # compile=True compiles the Reasoner's decode step too (torch.compile is lazy: nothing is traced at load).
-    engine = cosmos3.load("tiny", device="cpu", compile=True, surfaces=["reasoner"])
+    # compile=True compiles the generation layer and the Reasoner's decode step (torch.compile is lazy: nothing is
+    # traced at load); without the generation pathway, only the decode step.
+    engine = cosmos3.load("tiny", device="cpu", compile=True)
     assert engine.transformer.compiled_gen_in is not None and engine.transformer.compiled_und_in is not None
+    engine = cosmos3.load("tiny", device="cpu", compile=True, surfaces=["reasoner"])
+    assert engine.transformer.compiled_gen_in is None and engine.transformer.compiled_und_in is not None
     if not torch.cuda.is_available():  # fast means FP8, which needs a GPU: an error, never silently dropped
         with pytest.raises(RuntimeError, match="FP8"):
             cosmos3.load("tiny", fast=True)

@@ -31,6 +31,7 @@ from cosmos3.loading.components import (
     reasoner_text_config,
     resolve_path,
 )
+from cosmos3.model.transformer import Cosmos3Transformer
 from cosmos3.parallel.launch import on_all_ranks
 from cosmos3.parallel.layout import SINGLE, Groups, Layout
 from cosmos3.parallel.offload import offload_layers
@@ -60,6 +61,46 @@ AUTO_COMPILE_ROWS = 8192
 # fast=True: the step cache's threshold for requests that set none; 0.05 computes 17 of 35 steps with the latents
 # 5% from the exact path (benchmarks/README.md, "Step caching").
 FAST_STEP_CACHE = 0.05
+
+
+def speed_up_generation(
+    model: Cosmos3Transformer,
+    device: torch.device,
+    *,
+    fp8: bool = False,
+    fp8_attention: bool = False,
+    flash_attention: bool | str = "auto",
+    compile: bool | str = "auto",
+    one_gpu: bool = True,
+    field: str = "fp8_attention",
+) -> None:
+    """The generation pathway's speed switches (`cosmos3.load`'s), applied to `model` in place; the benchmarks set up
+    their variants with it too. `one_gpu`: whether `compile="auto"` compiles (one GPU, no parallel layout or
+    offload). `field` names the request field an impossible FP8 attention is reported under (`fast` sets it)."""
+    if fp8:  # opt-in: changes results beyond bf16 noise
+        from cosmos3.model.fp8 import use_fp8_generation_linears
+
+        use_fp8_generation_linears(model)
+    if fp8_attention:
+        from cosmos3.model.fp8_attention import available, use_fp8_attention
+
+        why = available() if device.type == "cuda" else "FP8 attention needs a CUDA device"
+        if why is not None:
+            raise RequestError(field, True, "false", f"is not possible here ({why})")
+        use_fp8_attention(model)
+    elif flash_attention:
+        from cosmos3.model.flash_attention import MIN_QUERIES, available, use_flash_attention
+
+        why = available(device, model.dtype, model.config.head_dim)
+        if why is None:
+            auto = flash_attention == "auto"
+            use_flash_attention(model, device, MIN_QUERIES if auto else 0, required=not auto)
+        elif flash_attention is True:
+            raise RequestError("flash_attention", True, "false or 'auto'", f"is not possible here ({why})")
+    if compile is True:
+        model.compile_generation_layers()
+    elif compile == "auto" and one_gpu:
+        model.compile_generation_layers(min_rows=AUTO_COMPILE_ROWS)
 
 
 class Engine:
@@ -136,31 +177,18 @@ class Engine:
         if layerwise_offload:
             offload_layers(self.transformer, self.device)
             vision_weights = {k: v.to(self.device) for k, v in vision_weights.items()}
-        if fp8 and "generator" in self.surfaces:  # opt-in: changes results beyond bf16 noise
-            from cosmos3.model.fp8 import use_fp8_generation_linears
-
-            use_fp8_generation_linears(self.transformer)
-        if fp8_attention and "generator" in self.surfaces:
-            from cosmos3.model.fp8_attention import available, use_fp8_attention
-
-            why = available() if self.device.type == "cuda" else "FP8 attention needs a CUDA device"
-            if why is not None:
-                raise RequestError("fast" if fast else "fp8_attention", True, "false", f"is not possible here ({why})")
-            use_fp8_attention(self.transformer)
-        elif flash_attention and "generator" in self.surfaces:
-            from cosmos3.model.flash_attention import MIN_QUERIES, available, use_flash_attention
-
-            why = available(self.device, self.dtype, self.transformer.config.head_dim)
-            if why is None:
-                auto = flash_attention == "auto"
-                use_flash_attention(self.transformer, self.device, MIN_QUERIES if auto else 0, required=not auto)
-            elif flash_attention is True:
-                raise RequestError("flash_attention", True, "false or 'auto'", f"is not possible here ({why})")
         one_gpu = self.device.type == "cuda" and not groups.distributed and not layerwise_offload
-        if compile is True:
-            self.transformer.compile_generation_layers()
-        elif compile == "auto" and one_gpu:
-            self.transformer.compile_generation_layers(min_rows=AUTO_COMPILE_ROWS)
+        if "generator" in self.surfaces:
+            speed_up_generation(
+                self.transformer,
+                self.device,
+                fp8=fp8,
+                fp8_attention=fp8_attention,
+                flash_attention=flash_attention,
+                compile=compile,
+                one_gpu=one_gpu,
+                field="fast" if fast else "fp8_attention",
+            )
         if (compile is True and not groups.distributed) or (compile == "auto" and one_gpu):
             # The Reasoner's decode step: it runs thousands of times in a server's life, so it always pays back its
             # compile (three small compiles: one row, the first batch size, then any). Not under TP, whose steps
