@@ -19,6 +19,13 @@ from cosmos3.reason_request import REASONER_OUTPUT, ReasonRequest, is_reasoner_e
 from cosmos3.reasoning.scheduler import PREFILL_CHUNK
 
 
+def _on_off_auto(text: str) -> bool | str:
+    choices = {"on": True, "off": False, "auto": "auto"}
+    if text not in choices:
+        raise argparse.ArgumentTypeError(f"{text!r} is not one of on, off, auto")
+    return choices[text]
+
+
 def _int_list(text: str) -> list[int]:
     try:
         return [int(x) for x in text.split(",") if x.strip()]
@@ -50,24 +57,14 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--fp8-attention", action="store_true", help="FP8 attention in the generation pathway (Hopper, cuDNN)"
     )
-    p.add_argument(
-        "--compile",
-        nargs="?",
-        const=True,
-        default="auto",
-        type=lambda v: {"on": True, "off": False, "auto": "auto"}[v],
-        help="torch.compile the generation layer: on (bare --compile), off, or auto (default: on a single GPU, "
-        "for 480p video and larger)",
-    )
-    p.add_argument(
-        "--flash-attention",
-        nargs="?",
-        const=True,
-        default="auto",
-        type=lambda v: {"on": True, "off": False, "auto": "auto"}[v],
-        help="FlashAttention-4 for the generation attention (flash-attn-4 package, Hopper/Blackwell): on (bare "
-        "--flash-attention), off, or auto (default: where installed, for 256p video and larger)",
-    )
+    switches = {  # on (the bare flag), off or auto: the Engine's True / False / "auto"
+        "--compile": "torch.compile the generation layer: on (bare --compile), off, or auto (default: on a single "
+        "GPU, for 480p video and larger)",
+        "--flash-attention": "FlashAttention-4 for the generation attention (flash-attn-4 package, Hopper/Blackwell): "
+        "on (bare --flash-attention), off, or auto (default: where installed, for 256p video and larger)",
+    }
+    for flag, text in switches.items():
+        p.add_argument(flag, nargs="?", const=True, default="auto", type=_on_off_auto, help=text)
     p.add_argument(
         "--fast", action="store_true", help="FP8 matmuls and attention + compile + step cache 0.05 (README: Speed)"
     )
