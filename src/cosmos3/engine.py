@@ -52,7 +52,7 @@ SURFACES = ("generator", "reasoner")
 # Smaller defaults for the tiny model so that every command finishes on a CPU in seconds.
 TINY_DEFAULTS = {"resolution": "256", "num_frames": 17, "num_steps": 8}
 
-COMPILE_CHOICES = (True, False, "auto")  # also flash_attention's
+SWITCH_CHOICES = (True, False, "auto")  # compile and flash_attention
 # compile="auto" compiles a pass only from this many generation rows (both branches): a 480p video has 2 x 18,720.
 # Measured on an H200 (benchmarks/profile_step.py): compiling takes ~9 s cold and ~2 s with a warm Inductor cache, and
 # saves 0.37 s of a 1.91 s 480p guided step (13 s over 35 steps); a 256p step (2 x 2,880 rows, 0.2 s) or a 720p
@@ -130,10 +130,9 @@ class Engine:
         self._ranks_lock = threading.Lock() if groups.distributed else contextlib.nullcontext()
         if not groups.leader:  # rank 0 checks prompts and outputs for every rank
             guardrails = False
-        if compile not in COMPILE_CHOICES or not isinstance(compile, bool | str):
-            raise RequestError("compile", compile, "true, false or 'auto'")
-        if flash_attention not in COMPILE_CHOICES or not isinstance(flash_attention, bool | str):
-            raise RequestError("flash_attention", flash_attention, "true, false or 'auto'")
+        for name, value in (("compile", compile), ("flash_attention", flash_attention)):
+            if value not in SWITCH_CHOICES or not isinstance(value, bool | str):  # 1 == True, but 1 is no switch
+                raise RequestError(name, value, "true, false or 'auto'")
         if fast:  # every speed option that changes results beyond bf16 noise, together (README: Speed)
             if groups.tp is not None or layerwise_offload:
                 raise RequestError("fast", True, "false with tensor_parallel_size > 1 or layerwise_offload (FP8)")
@@ -451,8 +450,7 @@ def load(
     generation rows' attention with FlashAttention-4 (the `flash-attn-4` package; Hopper or Blackwell, bf16) where
     it is installed, from 2,048 queries a branch (256p video and up: 14% faster than cuDNN at 720p, the same exact
     arithmetic class), and cuDNN's SDPA elsewhere; True everywhere it can (an error where it cannot), False never.
-    Opt-in speed options (see benchmarks/README.md
-    for their effect on speed and output):
+    Opt-in speed options (see benchmarks/README.md for their effect on speed and output):
     `fp8=True` runs the generation pathway's matmuls in FP8 (Hopper), `fp8_attention=True` its attention (cuDNN's
     FP8 flash attention, Hopper), `fast=True` is both + compile + the step cache (`step_cache=0.05` for requests
     that set none), `vae_tiling=True` decodes the video in tiles to bound memory.

@@ -17,7 +17,8 @@ The package compiles its kernels the first time a shape class is met (~2.6 s; se
 new prompt or resolution compiles nothing), and importing it loads CUTLASS's MLIR library (~10 s on the H200
 machine). `preload` starts the import in a thread while the checkpoint loads; compiled kernels are kept on disk
 (FlashAttention-4's own cache, turned on here unless the environment says otherwise), so only the first process
-of a machine compiles them.
+of a machine compiles them (a later process's first 720p-shaped call: 0.01 s,
+benchmarks/results/2026-12-03-h200-engine-flash.log).
 """
 
 from __future__ import annotations
