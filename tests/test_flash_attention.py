@@ -89,6 +89,17 @@ def test_cli_flag(flag, value):
 
 
 @pytest.mark.skipif(GPU_WHY is not None, reason=str(GPU_WHY))
+def test_engine_runs_flash_attention_by_default_on_a_gpu():
+    def attention_of(**switches):
+        return cosmos3.load("tiny", device="cuda", **switches).transformer.generation_attention
+
+    default = attention_of()
+    assert isinstance(default, fa.GenerationAttention) and default.min_queries == fa.MIN_QUERIES
+    assert attention_of(flash_attention=True).min_queries == 0  # every call; imported at load
+    assert attention_of(flash_attention=False) is attention
+
+
+@pytest.mark.skipif(GPU_WHY is not None, reason=str(GPU_WHY))
 @pytest.mark.parametrize("queries, keys", [(4096, 4396), (2048, 2059)])
 def test_flash_attention_matches_sdpa(queries, keys):
     torch.manual_seed(0)
