@@ -2,7 +2,7 @@
 torch.profiler, kernels grouped into attention, matrix products and the elementwise rest. Also the time of the
 first (compiling) call with `--compile`, which is what a request pays before its steps get faster.
 
-    python benchmarks/profile_step.py --size 720p [--compile]
+    python benchmarks/profile_step.py --size 720p [--compile] [--flash-attention]
     python benchmarks/profile_step.py --preset tiny --size tiny-smoke     # CPU smoke test
 """
 
@@ -14,6 +14,8 @@ from collections import defaultdict
 
 import torch
 from common import SIZES, default_device, gpu_name, inputs, print_table, random_model
+
+from cosmos3.engine import speed_up_generation
 
 # Substrings of kernel names, first match wins: cuDNN / flash attention kernels, then cuBLAS / CUTLASS GEMMs.
 CATEGORIES = [
@@ -35,14 +37,17 @@ def main() -> None:
     parser.add_argument("--preset", default="nano")
     parser.add_argument("--size", default="720p", choices=sorted(SIZES))
     parser.add_argument("--compile", action="store_true")
+    parser.add_argument(
+        "--flash-attention", action="store_true", help="FlashAttention-4 from MIN_QUERIES queries (the default's)"
+    )
     parser.add_argument("--top", type=int, default=25)
     args = parser.parse_args()
     device = default_device()
     cuda = device.type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     cfg, model = random_model(args.preset, device)
-    if args.compile:
-        model.compile_generation_layers()
+    flash = "auto" if args.flash_attention else False
+    speed_up_generation(model, device, compile=args.compile, flash_attention=flash, one_gpu=cuda)
     cond, vision = inputs(cfg, args.size, device, seed=1, dtype=torch.bfloat16)
     uncond, _ = inputs(cfg, args.size, device, prompt_tokens=120, seed=2)
     packs = [cond, uncond]
@@ -66,7 +71,8 @@ def main() -> None:
         with torch.profiler.profile(activities=activities) as prof:
             step()
             sync()
-    print(f"{gpu_name(device)}, torch {torch.__version__}, {args.size}, compile={args.compile}")
+    attention = getattr(model.generation_attention, "__name__", type(model.generation_attention).__name__)
+    print(f"{gpu_name(device)}, torch {torch.__version__}, {args.size}, compile={args.compile}, attention={attention}")
     print(f"first call {first:.2f} s, then {min(times):.3f} s per guided step", flush=True)
     totals: dict[str, float] = defaultdict(float)
     kernels = []
