@@ -24,6 +24,7 @@ benchmarks/results/2026-12-03-h200-engine-flash.log).
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import os
 import sys
@@ -65,6 +66,7 @@ def available(device: torch.device | str, dtype: torch.dtype, head_dim: int = 12
     return None
 
 
+@functools.cache  # a failed import raises and is not kept: the next call tries again
 def _import() -> Callable:
     # FlashAttention-4 keeps compiled kernels on disk only when asked; a user's own setting wins.
     os.environ.setdefault("FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED", "1")
