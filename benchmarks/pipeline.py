@@ -75,6 +75,7 @@ class Workload:
 # two extra steps measure it well; text2image steps are ~0.1 s, so 10 and 35 (the real count) measure it directly.
 WORKLOADS = {
     "t2i-720p": Workload("text2image", 1, 720, 1280, (10, 35), (10, 35)),
+    "t2v-256p": Workload("text2video", 189, 192, 320, (10, 35), (10, 35)),  # a 0.2 s step: measured directly
     "t2v-480p": Workload("text2video", 189, 480, 832, (1, 3), (1, 2)),
     "t2v-720p": Workload("text2video", 189, 720, 1280, (1, 3), (1, 2)),
     "i2v-720p": Workload("image2video", 189, 720, 1280, (1, 3), (1, 2)),
@@ -98,6 +99,7 @@ class Variant:
     step_cache: float | None = None
     fp8_attention: bool = False
     flash_attention: bool | str = False  # FlashAttention-4: "auto" from MIN_QUERIES queries, as the Engine's default
+    cuda_graphs: bool = True  # small passes replayed from a CUDA graph (GRAPH_MAX_ROWS), as the Engine on one GPU
 
     def without_cache(self) -> Variant:
         return dataclasses.replace(self, step_cache=None)
@@ -106,10 +108,12 @@ class Variant:
 # One line per variant; None is the reference pipeline. "fast" is what `cosmos3.load(..., fast=True)` sets.
 VARIANTS: dict[str, Variant | None] = {
     "diffusers": None,
-    "exact": Variant(),  # cosmos3's exact path (same arithmetic as the reference; the CPU parity tests run it)
+    "exact": Variant(cuda_graphs=False),  # the exact path, every pass eager (the arithmetic the CPU parity tests run)
+    "graphs": Variant(),  # the exact path with small passes replayed from CUDA graphs (the same kernels)
     "flash": Variant(flash_attention="auto"),  # the exact path with FlashAttention-4 (bf16, exact arithmetic class)
     "auto": Variant(compile="auto", flash_attention="auto"),  # the Engine's default on one GPU
-    "auto-sdpa": Variant(compile="auto"),  # the default before FlashAttention-4 (cuDNN's SDPA)
+    "auto-sdpa": Variant(compile="auto", cuda_graphs=False),  # the default before FlashAttention-4 (cuDNN's SDPA)
+    "auto-eager": Variant(compile="auto", flash_attention="auto", cuda_graphs=False),  # the default before graphs
     "flash+compile": Variant(compile=True, flash_attention="auto"),
     "compile": Variant(compile=True),
     "fp8": Variant(fp8=True),
@@ -117,6 +121,7 @@ VARIANTS: dict[str, Variant | None] = {
     "fp8attn+compile": Variant(fp8=True, compile=True, fp8_attention=True),  # fast without the step cache
     "cache": Variant(step_cache=FAST_STEP_CACHE),
     "fast": Variant(fp8=True, compile=True, step_cache=FAST_STEP_CACHE, fp8_attention=True),
+    "fast-0.1": Variant(fp8=True, compile=True, step_cache=0.1, fp8_attention=True),  # fast, a looser step cache
 }
 DEFAULT_VARIANTS = ["diffusers", "exact", "compile", "fp8+compile", "fast"]
 
@@ -130,6 +135,7 @@ ANCHORS = {
     "t2v-480p": (1.90, 1.75, 6.3, 3.2),
     "t2v-720p": (6.45, 6.66, 14.4, 6.8),
     "i2v-720p": (6.45, 6.66, 14.4, 9.0),
+    "t2v-256p": (0.26, 0.20, 1.0, 1.0),
     "probe": (0.26, 0.20, 1.0, 1.0),
 }
 # cosmos3 step time relative to exact (720p anchors: 5.99 / 6.75 with compile, 5.39 / 6.75 with FP8 as well; FP8
@@ -252,10 +258,10 @@ class Bench:
         whose parameters and buffers are the base model's own (the deepcopy memo maps each to itself), then the
         switches as `cosmos3.load` applies them (`speed_up_generation`; FP8 adds its copy of the generation
         linears)."""
-        key = (v.fp8, v.compile, v.fp8_attention, v.flash_attention)
+        key = (v.fp8, v.compile, v.fp8_attention, v.flash_attention, v.cuda_graphs)
         if key not in self.generators:
             model = self.base
-            if key != (False, False, False, False):
+            if key != (False, False, False, False, False):
                 shared = {id(t): t for t in itertools.chain(self.base.parameters(), self.base.buffers())}
                 model = copy.deepcopy(self.base, memo=shared)
                 speed_up_generation(
@@ -266,6 +272,7 @@ class Bench:
                     flash_attention=v.flash_attention,
                     compile=v.compile,
                     one_gpu=self.device.type == "cuda",  # as the Engine: compile="auto" is off on the CPU
+                    cuda_graphs=v.cuda_graphs,
                 )
             parts = Parts(
                 transformer=model, video=self.codec, sound=None, tokenizer=self.tokenizer, schedule=self.schedule

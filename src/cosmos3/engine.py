@@ -18,6 +18,7 @@ from cosmos3.config import TransformerConfig
 from cosmos3.errors import Cancelled, RequestError
 from cosmos3.generation.codecs import SoundCodec, VideoCodec
 from cosmos3.generation.parts import Parts
+from cosmos3.generation.pass_graph import GRAPH_MAX_ROWS
 from cosmos3.generation.pipeline import Generator, batch_key
 from cosmos3.generation.request import GenerateRequest
 from cosmos3.generation.result import GenerationResult
@@ -72,11 +73,14 @@ def speed_up_generation(
     flash_attention: bool | str = "auto",
     compile: bool | str = "auto",
     one_gpu: bool = True,
+    cuda_graphs: bool = True,
     field: str = "fp8_attention",
 ) -> None:
     """The generation pathway's speed switches (`cosmos3.load`'s), applied to `model` in place; the benchmarks set up
-    their variants with it too. `one_gpu`: whether `compile="auto"` compiles (one GPU, no parallel layout or
-    offload). `field` names the request field an impossible FP8 attention is reported under (`fast` sets it)."""
+    their variants with it too. `one_gpu`: whether `compile="auto"` compiles and small passes replay from CUDA graphs
+    (one GPU, no parallel layout or offload). `cuda_graphs=False` keeps every pass eager (the benchmarks compare
+    both; graphs change no result). `field` names the request field an impossible FP8 attention is reported under
+    (`fast` sets it)."""
     if fp8:  # opt-in: changes results beyond bf16 noise
         from cosmos3.model.fp8 import use_fp8_generation_linears
 
@@ -97,6 +101,8 @@ def speed_up_generation(
             use_flash_attention(model, device, MIN_QUERIES if auto else 0, required=not auto)
         elif flash_attention is True:
             raise RequestError("flash_attention", True, "false or 'auto'", f"is not possible here ({why})")
+    if cuda_graphs and one_gpu and device.type == "cuda":
+        model.graph_max_rows = GRAPH_MAX_ROWS
     if compile is True:
         model.compile_generation_layers()
     elif compile == "auto" and one_gpu:

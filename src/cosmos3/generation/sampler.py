@@ -12,6 +12,7 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from cosmos3.errors import Cancelled, RequestError
+from cosmos3.generation.pass_graph import PassGraph, graphable
 from cosmos3.generation.request import GenerateRequest
 from cosmos3.model.sequence import Packed
 from cosmos3.parallel.collectives import all_gather_tensors, leader_flags
@@ -158,13 +159,15 @@ def denoise(model, schedule: Schedule, jobs: list[Denoising], progress: bool = T
         job.branches = [groups.cfg_rank] if split_cfg else list(range(len(job.packs)))
         # The prompts' keys/values, the same at every step.
         job.caches = [model.und_cache(job.packs[b]) for b in job.branches]
+    rows = sum(job.packs[b].seq_len - job.packs[b].und_len for job in jobs for b in job.branches)
+    graph = PassGraph(model) if graphable(model, rows) else None
     bar = tqdm(total=len(timesteps), desc="denoising", unit="step", disable=not progress)
     for i, t in enumerate(timesteps):
         active = [job for job in jobs if not job.cancelled]
         if not active:
             break
         if step_cache is None or step_cache.compute(i, active[0].streams[0].latents):
-            _velocities(model, active, t, dtype, groups.cfg if split_cfg else None)
+            _velocities(graph or model.forward_gen, active, t, dtype, groups.cfg if split_cfg else None)
             for job in active:
                 job.computed_steps += 1
         for job in active:
@@ -178,10 +181,15 @@ def denoise(model, schedule: Schedule, jobs: list[Denoising], progress: bool = T
 
 
 def _velocities(
-    model, active: list[Denoising], t: torch.Tensor, dtype: torch.dtype, cfg_group: dist.ProcessGroup | None
+    forward_gen: Callable,
+    active: list[Denoising],
+    t: torch.Tensor,
+    dtype: torch.dtype,
+    cfg_group: dist.ProcessGroup | None,
 ) -> None:
-    """One model pass over every branch of every active request (with CFG parallel: this rank's branch of each,
-    then the other rank's velocities gathered); CFG combines each request's branches."""
+    """One model pass (`forward_gen`: the model's, or a `PassGraph` of it) over every branch of every active request
+    (with CFG parallel: this rank's branch of each, then the other rank's velocities gathered); CFG combines each
+    request's branches."""
     branches = [(job, job.packs[b], c) for job in active for b, c in zip(job.branches, job.caches, strict=True)]
     inputs = {id(job): {s.name: s.latents.to(dtype) for s in job.streams} for job in active}
     if len(active) == 1:  # one request: its branches share the noisy tokens (embedded once)
@@ -192,7 +200,7 @@ def _velocities(
         sound = [inputs[id(job)].get("sound") for job, _, _ in branches]
         action = [inputs[id(job)].get("action") for job, _, _ in branches]
     # All branches in one pass (see Cosmos3Transformer.forward_gen); t stays on the device.
-    outs = model.forward_gen([p for _, p, _ in branches], [c for _, _, c in branches], vision, t, sound, action)
+    outs = forward_gen([p for _, p, _ in branches], [c for _, _, c in branches], vision, t, sound, action)
     if cfg_group is not None:  # this rank's branch of every request -> both branches of every request, in order
         present = [[x is not None for x in out] for out in outs]
         by_rank = all_gather_tensors([x for out in outs for x in out if x is not None], cfg_group)

@@ -23,11 +23,12 @@ import torch
 from cosmos3.model.fp8 import FP8, FP8_MAX  # e4m3 and its largest finite value, as the FP8 matmuls use them
 
 # Built graphs, the most recently used last. The key length follows the prompt's, so a server meets a new shape with
-# most new prompts: the oldest graphs (and their workspaces) go once there are more than this.
+# most new prompts: the oldest graphs go once there are more than this.
 MAX_GRAPHS = 64
 
 _lock = threading.Lock()
-_graphs: OrderedDict[tuple, tuple] = OrderedDict()  # shapes, strides, device -> (graph, tensors, workspace, handle)
+# (shapes, strides, device) -> (graph, tensors, workspace bytes, handle)
+_graphs: OrderedDict[tuple, tuple] = OrderedDict()
 _handles: dict[int, object] = {}  # device index -> cuDNN handle
 
 
@@ -112,8 +113,7 @@ def _graph(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor)
         graph.create_execution_plans([cudnn.heur_mode.A, cudnn.heur_mode.FALLBACK])
         graph.check_support()
         graph.build_plans()
-        workspace = torch.empty(graph.get_workspace_size(), device=q.device, dtype=torch.uint8)
-        return _remember(key, (graph, tensors, workspace, handle))
+        return _remember(key, (graph, tensors, graph.get_workspace_size(), handle))
 
 
 def quantize(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -133,7 +133,11 @@ def fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Te
     k8, descale_k = quantize(k)
     v8, descale_v = quantize(v)
     out = torch.empty(q.shape[0], q.shape[1], v.shape[2], dtype=FP8, device=q.device)
-    graph, t, workspace, handle = _graph(q8, k8, v8, out)
+    graph, t, workspace_size, handle = _graph(q8, k8, v8, out)
+    # The workspace is the call's own (the allocator's cache makes that cheap): a denoising pass captured in a CUDA
+    # graph (`cosmos3.generation.pass_graph`) then owns it, and dropping this graph from the cache frees nothing
+    # that a captured pass still writes to.
+    workspace = torch.empty(workspace_size, device=q.device, dtype=torch.uint8)
     # Probabilities are at most 1: stored times 448 they use e4m3's whole range. The output is at most amax(v).
     scale_s = torch.full((1, 1, 1, 1), FP8_MAX, dtype=torch.float32, device=q.device)
     pack = {

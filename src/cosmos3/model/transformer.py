@@ -112,6 +112,9 @@ class Cosmos3Transformer(nn.Module):
     compiled_gen_in: Callable | None = None
     compiled_gen_out: Callable | None = None
     compile_min_rows = 0  # passes with fewer generation rows run the plain functions
+    # Denoising passes of at most this many generation rows (all branches) are replayed from a CUDA graph by the
+    # sampler (`cosmos3.generation.pass_graph`); 0: none. Set on one GPU by `cosmos3.engine.speed_up_generation`.
+    graph_max_rows = 0
     # The understanding layer's regions around attention in the Reasoner's one-token decode step, torch.compiled by
     # `compile_decode_layers`; plain functions otherwise (prefill and the prompt cache always run them plain).
     compiled_und_in: Callable | None = None

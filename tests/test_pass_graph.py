@@ -1,0 +1,172 @@
+"""Small denoising passes replayed from a CUDA graph (`cosmos3.generation.pass_graph`): which passes take one on any
+machine; on a GPU, that replayed passes give the eager passes' latents bit for bit in every mode and attention, with
+the step cache, in a batch, and with the server's between-layers hook."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import cosmos3
+from cosmos3.engine import speed_up_generation
+from cosmos3.generation import sampler
+from cosmos3.generation.pass_graph import GRAPH_MAX_ROWS, PassGraph, graphable
+from cosmos3.model.flash_attention import available as flash_available
+
+GPU = torch.cuda.is_available()
+
+
+def test_graphs_are_set_up_on_one_gpu_only():
+    engine = cosmos3.load("tiny", device="cpu")
+    model = engine.transformer
+    assert model.graph_max_rows == 0  # the CPU: never
+    cuda = torch.device("cuda")  # nothing runs on it here: the switches only set attributes
+    speed_up_generation(model, cuda, flash_attention=False, compile=False, one_gpu=False)
+    assert model.graph_max_rows == 0  # a parallel layout or layerwise offload: never
+    speed_up_generation(model, cuda, flash_attention=False, compile=False, cuda_graphs=False)
+    assert model.graph_max_rows == 0
+    speed_up_generation(model, cuda, flash_attention=False, compile=False)
+    assert model.graph_max_rows == GRAPH_MAX_ROWS
+    assert graphable(model, GRAPH_MAX_ROWS) and not graphable(model, GRAPH_MAX_ROWS + 1)
+
+
+class EagerSpy(PassGraph):
+    """Records which passes the sampler hands to a graph; runs them eagerly (no GPU needed)."""
+
+    made: list[EagerSpy] = []
+
+    def __init__(self, model):
+        super().__init__(model)
+        self.passes = 0
+        EagerSpy.made.append(self)
+
+    def __call__(self, packs, caches, *inputs):
+        self.passes += 1
+        return self.model.forward_gen(packs, caches, *inputs)
+
+
+def test_sampler_hands_small_passes_to_a_graph(monkeypatch):
+    engine = cosmos3.load("tiny", device="cpu", guardrails=False)
+    monkeypatch.setattr(sampler, "PassGraph", EagerSpy)
+    EagerSpy.made = []
+    small = dict(mode="text2image", prompt="a cup", seed=1, num_steps=3, progress=False)
+    plain = engine.generate(**small).latents
+    assert EagerSpy.made == []  # graph_max_rows is 0 on the CPU
+    engine.transformer.graph_max_rows = 10**6
+    assert torch.equal(engine.generate(**small).latents, plain)
+    assert len(EagerSpy.made) == 1 and EagerSpy.made[0].passes == 3  # one graph per request, every pass through it
+    engine.transformer.graph_max_rows = 1  # every pass is larger: eager
+    engine.generate(**small)
+    assert len(EagerSpy.made) == 1
+
+
+needs_gpu = pytest.mark.skipif(not GPU, reason="CUDA graphs need a CUDA GPU")
+
+
+def _switches() -> list:
+    cases = [pytest.param({}, id="sdpa")]
+    flash_why = flash_available("cuda", torch.bfloat16, 16) if GPU else "no GPU"
+    cases.append(pytest.param({"flash_attention": True}, id="flash", marks=pytest.mark.skipif(
+        flash_why is not None, reason=str(flash_why))))  # fmt: skip
+    fp8_ok = GPU and torch.cuda.get_device_capability() >= (9, 0)
+    cases.append(pytest.param({"fp8": True, "fp8_attention": True}, id="fp8", marks=pytest.mark.skipif(
+        not fp8_ok, reason="FP8 needs a Hopper GPU")))  # fmt: skip
+    return cases
+
+
+class Counting(PassGraph):
+    made: list[Counting] = []
+
+    def __init__(self, model):
+        super().__init__(model)
+        Counting.made.append(self)
+
+
+def _twice(engine, monkeypatch, **request):
+    """The request's latents replayed from graphs and eagerly; the graphs made."""
+    monkeypatch.setattr(sampler, "PassGraph", Counting)
+    Counting.made = []
+    graphed = engine.generate(progress=False, **request)
+    made, Counting.made = Counting.made, []
+    rows, engine.transformer.graph_max_rows = engine.transformer.graph_max_rows, 0
+    try:
+        eager = engine.generate(progress=False, **request)
+    finally:
+        engine.transformer.graph_max_rows = rows
+    assert Counting.made == []
+    return graphed, eager, made
+
+
+@needs_gpu
+@pytest.mark.parametrize("switches", _switches())
+def test_replayed_passes_equal_eager_ones(monkeypatch, switches):
+    engine = cosmos3.load("tiny", device="cuda", guardrails=False, compile=False, **switches)
+    assert engine.transformer.graph_max_rows == GRAPH_MAX_ROWS
+    requests = [
+        dict(mode="text2image", prompt="a red cup on a table", seed=3, num_steps=5),
+        dict(mode="text2video", prompt="a robot arm", seed=4, num_steps=4, enable_sound=True, guidance=4.0),
+        dict(mode="text2video", prompt="no guidance", seed=5, num_steps=3, guidance=1.0),
+    ]
+    for request in requests:
+        graphed, eager, made = _twice(engine, monkeypatch, **request)
+        assert len(made) == 1 and made[0].replays == request["num_steps"] - 1, request  # the first pass is eager
+        assert torch.equal(graphed.latents, eager.latents), request
+        assert (graphed.latents - eager.latents).abs().max() == 0
+        if request.get("enable_sound"):  # the decoded waveform: the sound latents' own replays
+            assert graphed.sound is not None and (graphed.sound == eager.sound).all()
+
+
+@needs_gpu
+def test_replays_with_the_step_cache_in_a_batch_and_between_layers(monkeypatch):
+    engine = cosmos3.load("tiny", device="cuda", guardrails=False, compile=False)
+    model = engine.transformer
+    cached = dict(mode="text2video", prompt="a cup", seed=6, num_steps=12, step_cache=0.5)
+    graphed, eager, made = _twice(engine, monkeypatch, **cached)
+    computed = graphed.metadata["computed_steps"]
+    assert computed < 12 and made[0].replays == computed - 1
+    assert torch.equal(graphed.latents, eager.latents)
+
+    # A batch: one graph for both requests' passes (lists of latents), the same latents as separate requests.
+    monkeypatch.setattr(sampler, "PassGraph", Counting)
+    Counting.made = []
+    batch = [dict(mode="text2image", prompt=p, seed=s, num_steps=4) for p, s in (("a cup", 1), ("two red cups", 2))]
+    results = engine.generate_batch(batch)
+    assert len(Counting.made) == 1 and Counting.made[0].replays == 3
+    for request, result in zip(batch, results, strict=True):
+        model.graph_max_rows = 0
+        alone = engine.generate(progress=False, **request)
+        model.graph_max_rows = GRAPH_MAX_ROWS
+        assert torch.equal(result.latents, alone.latents)
+
+    # The server's hook: after every layer of the eager pass, never inside a capture, once after each replay.
+    calls = []
+    model.between_layers = lambda: calls.append(1)
+    try:
+        engine.generate(progress=False, mode="text2image", prompt="a cup", seed=1, num_steps=4)
+    finally:
+        model.between_layers = None
+    layers = len(model.layers)
+    assert len(calls) == layers + layers + 3  # the prompts' caches, the eager first pass, three replays
+
+
+@needs_gpu
+def test_replays_read_new_inputs_and_refuse_another_shape():
+    from cosmos3.model.sequence import pack
+
+    engine = cosmos3.load("tiny", device="cuda", guardrails=False, compile=False)
+    model = engine.transformer
+    cfg = model.config
+    packed = pack(cfg, [1, 2, 3, 4], (2, 8, 8), [], fps=16.0, vae_temporal_compression=4, device="cuda")
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(cfg.latent_channel, 2, 8, 8, device="cuda", dtype=model.dtype, generator=gen)
+    graph = PassGraph(model)
+    with torch.no_grad():
+        cache = model.und_cache(packed)
+        for step, t in enumerate((900, 600, 300)):  # eager, captured and replayed, replayed
+            t = torch.tensor(t, device="cuda")
+            x = x * 0.9 + 0.1
+            got = graph([packed], [cache], x, t, None, None)[0][0]
+            assert torch.equal(got, model.forward_gen([packed], [cache], x, t)[0][0]), step
+        assert graph.replays == 2
+        with pytest.raises(ValueError, match="another structure or shape"):
+            graph([packed], [cache], x[:, :1], t, None, None)
