@@ -117,6 +117,7 @@ VARIANTS: dict[str, Variant | None] = {
     "flash+compile": Variant(compile=True, flash_attention="auto"),
     "compile": Variant(compile=True),
     "fp8": Variant(fp8=True),
+    "fp8attn": Variant(fp8_attention=True),  # FP8 attention alone
     "fp8+compile": Variant(fp8=True, compile=True),
     "fp8attn+compile": Variant(fp8=True, compile=True, fp8_attention=True),  # fast without the step cache
     "cache": Variant(step_cache=FAST_STEP_CACHE),

@@ -146,7 +146,7 @@ def test_replays_with_the_step_cache_in_a_batch_and_between_layers(monkeypatch):
     finally:
         model.between_layers = None
     layers = len(model.layers)
-    assert len(calls) == layers + layers + 3  # the prompts' caches, the eager first pass, three replays
+    assert len(calls) == 2 * layers + layers + 3  # two prompts' caches (guided), the eager first pass, three replays
 
 
 @needs_gpu
