@@ -122,7 +122,7 @@ VARIANTS: dict[str, Variant | None] = {
     "fp8attn+compile": Variant(fp8=True, compile=True, fp8_attention=True),  # fast without the step cache
     "cache": Variant(step_cache=FAST_STEP_CACHE),
     "fast": Variant(fp8=True, compile=True, step_cache=FAST_STEP_CACHE, fp8_attention=True),
-    "fast-0.1": Variant(fp8=True, compile=True, step_cache=0.1, fp8_attention=True),  # fast, a looser step cache
+    "fast-0.05": Variant(fp8=True, compile=True, step_cache=0.05, fp8_attention=True),  # fast before 2026-12-03
 }
 DEFAULT_VARIANTS = ["diffusers", "exact", "compile", "fp8+compile", "fast"]
 
@@ -140,10 +140,10 @@ ANCHORS = {
     "probe": (0.26, 0.20, 1.0, 1.0),
 }
 # cosmos3 step time relative to exact (720p anchors: 5.99 / 6.75 with compile, 5.39 / 6.75 with FP8 as well; FP8
-# alone is not measured, guessed), the step cache computes ~17 of 35 steps (benchmarks/README.md "Step caching"),
+# alone is not measured, guessed), the step cache computes ~15 of 35 steps (benchmarks/README.md "Step caching"),
 # a cold compile of a new shape ~9 s (src/cosmos3/engine.py, AUTO_COMPILE_ROWS), and ~60 s to import and build.
 STEP_FACTOR = {(False, False): 1.0, (False, True): 0.887, (True, False): 0.9, (True, True): 0.80}
-CACHE_FRACTION = 17 / 35
+CACHE_FRACTION = 15 / 35
 COMPILE_S = 10.0
 SETUP_S = 60.0
 
@@ -248,6 +248,7 @@ class Bench:
             "probe": {},
             "runs": [],
             "rows": [],
+            "diffusers_sdpa": [],  # sdpa_choice before each diffusers request
         }
         self.out = args.out
         cuda_sync()
@@ -300,6 +301,7 @@ class Bench:
         cosmos3's to 1e-4 in fp32); the final latents are taken by the step callback, so the request still
         decodes and postprocesses its frames as a user's would."""
         final: dict[str, torch.Tensor] = {}
+        self.record["diffusers_sdpa"].append(sdpa_choice(self.device, self.base.dtype))
         channels_last_weights(self.pipe.vae, False)  # diffusers' own layout (cosmos3's decode makes them channels-last)
 
         def keep(pipe, i: int, t, kwargs: dict) -> dict:
@@ -506,6 +508,20 @@ def complete_rows(records: list[dict]) -> None:
         add_ratios(rec["rows"])
 
 
+def sdpa_choice(device: torch.device, dtype: torch.dtype) -> str:
+    """The SDPA backend torch picks, in this process's state now, for a call shaped as diffusers' generation
+    attention makes it (32 query heads on 8 KV heads of 128, grouped, from permuted views). diffusers leaves the
+    choice to torch; cosmos3 sets its own order per call (`cosmos3.model.layers.attention`). Recorded before each
+    diffusers request: its 720p step took 6.65 s in one process and 9.22 s in another on the same machine
+    (benchmarks/README.md), which torch's flash backend in place of cuDNN (89 against 54 ms a call, 72 calls a
+    step) would explain."""
+    from torch.nn.attention import SDPBackend
+
+    q = torch.zeros(1, 256, 32, 128, device=device, dtype=dtype).permute(0, 2, 1, 3)
+    kv = torch.zeros(1, 300, 8, 128, device=device, dtype=dtype).permute(0, 2, 1, 3)
+    return SDPBackend(torch._fused_sdp_choice(q, kv, kv, None, 0.0, False, enable_gqa=True)).name
+
+
 def print_tables(records: list[dict]) -> None:
     """The Markdown table (README format) of one or more runs' JSON records, with what each was measured on."""
     complete_rows(records)
@@ -532,6 +548,10 @@ def print_tables(records: list[dict]) -> None:
             cells += [fmt(r[f"ratio_{k}"]) for k in ("s_per_step", "fixed_s", "s_35")]
             cells += [fmt(r["warmup_s"]), fmt(r["peak_gib"]), fmt(r.get("rel_err"))]
             print("| " + " | ".join(cells) + " |")
+    for rec in records:  # older records have none
+        if rec.get("diffusers_sdpa"):
+            counts = {name: rec["diffusers_sdpa"].count(name) for name in sorted(set(rec["diffusers_sdpa"]))}
+            print(f"\ndiffusers' SDPA backend (torch's choice) at its requests: {counts}")
     for note in sorted(notes):
         if note == "cache":
             print(f"\n(n/{TARGET_STEPS}): the steps a step-cache variant computes of {TARGET_STEPS}, from the probe:")

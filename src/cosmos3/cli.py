@@ -66,7 +66,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     for flag, text in switches.items():
         p.add_argument(flag, nargs="?", const=True, default="auto", type=_on_off_auto, help=text)
     p.add_argument(
-        "--fast", action="store_true", help="FP8 matmuls and attention + compile + step cache 0.05 (README: Speed)"
+        "--fast", action="store_true", help="FP8 matmuls and attention + compile + step cache 0.1 (README: Speed)"
     )
     p.add_argument("--vae-tiling", action="store_true", help="decode the video in tiles (less memory)")
     # Seed 001's scaling flags; the world size is their product. Started here, one process per GPU (or torchrun).
@@ -131,7 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--action-stats", help="JSON per-channel normalization statistics for raw actions")
     g.add_argument("--view-point")
     g.add_argument("--chunks", type=int, help="chain N policy / forward_dynamics chunks into one rollout")
-    g.add_argument("--step-cache", type=float, help="reuse velocities while the input changes less than this (0.05)")
+    g.add_argument(
+        "--step-cache", type=float, help="reuse velocities while the input changes less than this (e.g. 0.1)"
+    )
 
     r = sub.add_parser("reason", help="text from text, images and video")
     add_model_args(r)

@@ -59,9 +59,11 @@ SWITCH_CHOICES = (True, False, "auto")  # compile and flash_attention
 # saves 0.37 s of a 1.91 s 480p guided step (13 s over 35 steps); a 256p step (2 x 2,880 rows, 0.2 s) or a 720p
 # image (2 x 920) saves under 2 s a request, less than a cold compile.
 AUTO_COMPILE_ROWS = 8192
-# fast=True: the step cache's threshold for requests that set none; 0.05 computes 17 of 35 steps with the latents
-# 5% from the exact path (benchmarks/README.md, "Step caching").
-FAST_STEP_CACHE = 0.05
+# fast=True: the step cache's threshold for requests that set none. With every fast option on (256p x 189 frames, 35
+# steps, H200, 2026-12-03) 0.1 computes 15 of 35 steps and lands 0.178 from the exact path's latents, 0.05 computes 17
+# and lands 0.174: FP8 makes most of that distance, and two steps fewer take 9% off a 720p request
+# (benchmarks/README.md, "Step caching").
+FAST_STEP_CACHE = 0.1
 
 
 def speed_up_generation(
@@ -458,7 +460,7 @@ def load(
     arithmetic class), and cuDNN's SDPA elsewhere; True everywhere it can (an error where it cannot), False never.
     Opt-in speed options (see benchmarks/README.md for their effect on speed and output):
     `fp8=True` runs the generation pathway's matmuls in FP8 (Hopper), `fp8_attention=True` its attention (cuDNN's
-    FP8 flash attention, Hopper), `fast=True` is both + compile + the step cache (`step_cache=0.05` for requests
+    FP8 flash attention, Hopper), `fast=True` is both + compile + the step cache (`step_cache=0.1` for requests
     that set none), `vae_tiling=True` decodes the video in tiles to bound memory.
     Beyond one GPU (seed 001; the world size is the product of the three degrees): `tensor_parallel_size` splits
     every layer's heads and MLP over GPUs, `cfg_parallel_size=2` runs the two guidance branches on two GPUs,
