@@ -117,6 +117,28 @@ def test_replayed_passes_equal_eager_ones(monkeypatch, switches):
 
 
 @needs_gpu
+def test_replayed_passes_equal_eager_ones_in_image_and_action_modes(monkeypatch):
+    """Clean conditioning frames, action rows of an embodiment domain, and chained chunks (a graph per chunk)."""
+    import numpy as np
+
+    engine = cosmos3.load("tiny", device="cuda", guardrails=False, compile=False)
+    image = np.linspace(0, 255, 64 * 64 * 3).reshape(64, 64, 3).astype(np.uint8)
+    common = dict(prompt="push the block", image=image, num_steps=3, seed=2)
+    actions = dict(domain_name="pusht", action_chunk_size=4, action=[[0.3, -0.2]] * 4, guidance=1.0)
+    requests = [
+        (dict(mode="image2video", **common), 1),
+        (dict(mode="policy", domain_name="droid_lerobot", action_chunk_size=4, chunks=2, **common), 2),
+        (dict(mode="forward_dynamics", **actions, **common), 1),
+    ]
+    for request, chunks in requests:
+        graphed, eager, made = _twice(engine, monkeypatch, **request)
+        assert len(made) == chunks and all(g.replays == request["num_steps"] - 1 for g in made), request["mode"]
+        assert torch.equal(graphed.latents, eager.latents), request["mode"]
+        if graphed.action is not None:
+            assert (graphed.action == eager.action).all(), request["mode"]
+
+
+@needs_gpu
 def test_replays_with_the_step_cache_in_a_batch_and_between_layers(monkeypatch):
     engine = cosmos3.load("tiny", device="cuda", guardrails=False, compile=False)
     model = engine.transformer
