@@ -30,6 +30,20 @@ def test_graphs_are_set_up_on_one_gpu_only():
     assert graphable(model, GRAPH_MAX_ROWS) and not graphable(model, GRAPH_MAX_ROWS + 1)
 
 
+def test_the_switch_is_checked_and_reaches_the_engine_from_the_cli():
+    from cosmos3.cli import _engine_options, build_parser
+    from cosmos3.errors import RequestError
+
+    with pytest.raises(RequestError) as info:
+        cosmos3.load("tiny", device="cpu", cuda_graphs="off")
+    assert info.value.field == "cuda_graphs" and "allowed: true or false" in str(info.value)
+    parser = build_parser()
+    assert _engine_options(parser.parse_args(["generate", "--prompt", "x"]))["cuda_graphs"] is True
+    assert _engine_options(parser.parse_args(["serve", "--no-cuda-graphs"]))["cuda_graphs"] is False
+    if GPU:
+        assert cosmos3.load("tiny", device="cuda", cuda_graphs=False).transformer.graph_max_rows == 0
+
+
 class EagerSpy(PassGraph):
     """Records which passes the sampler hands to a graph; runs them eagerly (no GPU needed)."""
 

@@ -66,6 +66,13 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     for flag, text in switches.items():
         p.add_argument(flag, nargs="?", const=True, default="auto", type=_on_off_auto, help=text)
     p.add_argument(
+        "--no-cuda-graphs",
+        dest="cuda_graphs",
+        action="store_false",
+        help="run every denoising pass eagerly (default: passes of 720p images and 256p video replay from a CUDA "
+        "graph on one GPU)",
+    )
+    p.add_argument(
         "--fast", action="store_true", help="FP8 matmuls and attention + compile + step cache 0.1 (README: Speed)"
     )
     p.add_argument("--vae-tiling", action="store_true", help="decode the video in tiles (less memory)")
@@ -459,7 +466,7 @@ def _guardrails(args: argparse.Namespace):
 def _engine_options(args: argparse.Namespace, **overrides: Any) -> dict[str, Any]:
     """The keyword arguments of `cosmos3.load` that the model flags set."""
     names = ("device", "dtype", "surfaces", "fp8", "fp8_attention", "flash_attention", "compile", "fast", "vae_tiling")
-    names += ("layerwise_offload", "revision")
+    names += ("cuda_graphs", "layerwise_offload", "revision")
     names += ("tensor_parallel_size", "cfg_parallel_size", "ulysses_degree")
     return {**{name: getattr(args, name) for name in names}, **overrides}
 

@@ -129,6 +129,7 @@ class Engine:
         fast: bool = False,
         fp8_attention: bool = False,
         flash_attention: bool | str = "auto",
+        cuda_graphs: bool = True,
     ):
         from transformers import AutoTokenizer
 
@@ -138,6 +139,8 @@ class Engine:
         self._ranks_lock = threading.Lock() if groups.distributed else contextlib.nullcontext()
         if not groups.leader:  # rank 0 checks prompts and outputs for every rank
             guardrails = False
+        if not isinstance(cuda_graphs, bool):
+            raise RequestError("cuda_graphs", cuda_graphs, "true or false")
         for name, value in (("compile", compile), ("flash_attention", flash_attention)):
             if value not in SWITCH_CHOICES or not isinstance(value, bool | str):  # 1 == True, but 1 is no switch
                 raise RequestError(name, value, "true, false or 'auto'")
@@ -194,6 +197,7 @@ class Engine:
                 flash_attention=flash_attention,
                 compile=compile,
                 one_gpu=one_gpu,
+                cuda_graphs=cuda_graphs,
                 field="fast" if fast else "fp8_attention",
             )
         if (compile is True and not groups.distributed) or (compile == "auto" and one_gpu):
@@ -437,6 +441,7 @@ def load(
     fast: bool = False,
     fp8_attention: bool = False,
     flash_attention: bool | str = "auto",
+    cuda_graphs: bool = True,
     tensor_parallel_size: int = 1,
     cfg_parallel_size: int = 1,
     ulysses_degree: int = 1,
@@ -458,6 +463,9 @@ def load(
     generation rows' attention with FlashAttention-4 (the `flash-attn-4` package; Hopper or Blackwell, bf16) where
     it is installed, from 2,048 queries a branch (256p video and up: 14% faster than cuDNN at 720p, the same exact
     arithmetic class), and cuDNN's SDPA elsewhere; True everywhere it can (an error where it cannot), False never.
+    `cuda_graphs=True` (the default) replays denoising passes of up to `GRAPH_MAX_ROWS` generation rows (a 720p
+    image, 256p video) from a CUDA graph on one GPU: the same kernels and latents, one launch a step; False keeps
+    every pass eager.
     Opt-in speed options (see benchmarks/README.md for their effect on speed and output):
     `fp8=True` runs the generation pathway's matmuls in FP8 (Hopper), `fp8_attention=True` its attention (cuDNN's
     FP8 flash attention, Hopper), `fast=True` is both + compile + the step cache (`step_cache=0.1` for requests
@@ -490,6 +498,7 @@ def load(
         fast=fast,
         fp8_attention=fp8_attention,
         flash_attention=flash_attention,
+        cuda_graphs=cuda_graphs,
     )
     groups = SINGLE
     if layout.world_size > 1:
