@@ -1,9 +1,10 @@
 """Small denoising passes replayed from a CUDA graph.
 
-A guided pass over a 720p image (2 x 920 generation rows) is bound by kernel launches: 36 layers of a few dozen
-kernels each, whose GPU work takes less time than the host needs to launch them (an H200 ran that pass in 0.070 s
-eagerly, of which the matrix products at the measured bf16 rate need about 0.035 s; benchmarks/README.md). Captured
-once per request and replayed at every later step, a pass is one launch.
+A guided pass over a 720p image (2 x 920 generation rows) is ~2,000 kernels (36 layers of a few dozen), many of
+them small enough that the host's launches, not the GPU, set the pace. Captured once per request and replayed at
+every later step, the pass is one launch: on an H200 a 720p image's step went from 0.0669 to 0.0605 s, and a 256p
+video's (2 x 2,880 rows) stayed at 0.201 s (benchmarks/README.md, 2026-12-03 evening). A replayed step also no
+longer depends on the host: in a server, HTTP and request reading compete for the GIL with one launch, not 2,000.
 
 A graph belongs to one request (or one batch of requests): it reads the prompts' keys and values (`und_cache`)
 where they lie, and its inputs that change from step to step (the noisy latents, the timestep) are copied into the
@@ -18,9 +19,9 @@ from typing import Any
 import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-# Passes of at most this many generation rows (every branch together) are replayed from a graph on one GPU. A 720p
-# image (2 x 920) and a 256p video (2 x 2,880) are launch-bound or nearly; from 480p (2 x 18,720) the GPU work of a
-# layer is longer than its launches, and a graph would only hold the pass's activations in its own memory pool. The
+# Passes of at most this many generation rows (every branch together) are replayed from a graph on one GPU: a 720p
+# image (2 x 920) gains 10%, a 256p video (2 x 2,880) about nothing, and from 480p (2 x 18,720) a layer's GPU work
+# is far longer than its launches, while a graph would hold the pass's activations in a memory pool of its own. The
 # same bound as `AUTO_COMPILE_ROWS`: passes below it run uncompiled by default, where launches weigh the most.
 GRAPH_MAX_ROWS = 8192
 
