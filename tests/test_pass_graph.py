@@ -1,11 +1,16 @@
-"""Small denoising passes replayed from a CUDA graph (`cosmos3.generation.pass_graph`): which passes take one on any
-machine; on a GPU, that replayed passes give the eager passes' latents bit for bit in every mode and attention, with
-the step cache, in a batch, and with the server's between-layers hook."""
+"""Small denoising passes replayed from a CUDA graph (`cosmos3.generation.pass_graph`). On any machine: which passes
+take one, the switch, and PassGraph's own logic over a stand-in graph (input buffers refreshed at every replay,
+copies handed out, a restart for new prompts, the hook never captured). On a GPU: replayed passes give the eager
+passes' latents bit for bit in every mode and attention, with the step cache, in a batch, and with the hook."""
 
 from __future__ import annotations
 
+import contextlib
+import functools
+
 import pytest
 import torch
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 import cosmos3
 from cosmos3.engine import speed_up_generation
@@ -72,6 +77,103 @@ def test_sampler_hands_small_passes_to_a_graph(monkeypatch):
     engine.transformer.graph_max_rows = 1  # every pass is larger: eager
     engine.generate(**small)
     assert len(EagerSpy.made) == 1
+
+
+class FakeGraph:
+    """`torch.cuda.CUDAGraph` on the CPU: `replay` recomputes the captured call from the graph's own input buffers
+    into its output tensors, which is what a replay does; a capture runs the call (a real one only records it)."""
+
+    def __init__(self):
+        self.recompute = None
+
+    def replay(self) -> None:
+        self.recompute()
+
+
+class CpuPassGraph(PassGraph):
+    """PassGraph over FakeGraph: the buffers, copies, clones and restarts of the real class, on any machine."""
+
+    def _capture(self, packs, caches, leaves, spec) -> None:
+        super()._capture(packs, caches, leaves, spec)
+
+        def recompute() -> None:  # kernels only: a replay runs no Python, so no hook either
+            hook, self.model.between_layers = self.model.between_layers, None
+            try:
+                out = self.model.forward_gen(packs, caches, *tree_unflatten(self.inputs, self.spec))
+            finally:
+                self.model.between_layers = hook
+            for held, new in zip(self.outputs, tree_flatten(out)[0], strict=True):
+                if isinstance(held, torch.Tensor):
+                    held.copy_(new)
+
+        self.graph.recompute = recompute
+
+
+@pytest.fixture
+def cpu_graphs(monkeypatch):
+    """The sampler's graphs on the CPU (FakeGraph), every pass small enough."""
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", FakeGraph)
+    monkeypatch.setattr(torch.cuda, "graph", lambda graph, capture_error_mode: contextlib.nullcontext())
+    monkeypatch.setattr(sampler, "PassGraph", CpuPassGraph)
+    engine = cosmos3.load("tiny", device="cpu", guardrails=False)
+    return engine
+
+
+def test_replays_read_each_steps_inputs_and_hand_out_copies(cpu_graphs):
+    """Guided, unguided with the step cache (its reused velocities must not be a replay's buffers), a batch, and
+    the server's hook: the latents of graphed passes equal the eager ones."""
+    engine = cpu_graphs
+    model = engine.transformer
+    requests = [
+        dict(mode="text2image", prompt="a red cup", seed=3, num_steps=5),
+        dict(mode="text2video", prompt="a robot arm", seed=4, num_steps=4, enable_sound=True, guidance=4.0),
+        dict(mode="text2video", prompt="no guidance", seed=5, num_steps=12, guidance=1.0, step_cache=0.5),
+    ]
+    for request in requests:
+        eager = engine.generate(progress=False, **request)
+        model.graph_max_rows = 10**6
+        calls: list[int] = []
+        model.between_layers = functools.partial(calls.append, 1)
+        try:
+            graphed = engine.generate(progress=False, **request)
+        finally:
+            model.graph_max_rows, model.between_layers = 0, None
+        assert torch.equal(graphed.latents, eager.latents), request
+        computed = graphed.metadata["computed_steps"]
+        layers, prompts = len(model.layers), 1 if request.get("guidance") == 1.0 else 2
+        # The prompts' caches and the eager first pass after every layer, never in the capture, once per replay.
+        assert len(calls) == prompts * layers + layers + computed - 1, request
+    batch = [dict(mode="text2image", prompt=p, seed=s, num_steps=4) for p, s in (("a cup", 1), ("two red cups", 2))]
+    alone = [engine.generate(progress=False, **r).latents for r in batch]
+    model.graph_max_rows = 10**6
+    for result, expected in zip(engine.generate_batch(batch), alone, strict=True):
+        assert torch.equal(result.latents, expected)
+
+
+def test_a_new_set_of_prompts_starts_over_and_a_new_shape_is_refused(cpu_graphs):
+    from cosmos3.model.sequence import pack
+
+    model = cpu_graphs.transformer
+    cfg = model.config
+    packs = [pack(cfg, ids, (2, 8, 8), [], fps=16.0, vae_temporal_compression=4) for ids in ([1, 2, 3], [4, 5])]
+    x = torch.randn(cfg.latent_channel, 2, 8, 8)
+    graph = CpuPassGraph(model)
+    handed_out = []
+    with torch.no_grad():
+        caches = [model.und_cache(p) for p in packs]
+        for packed, cache in zip(packs, caches, strict=True):  # the second prompt: eager again, then captured
+            for step, t in enumerate((900, 600, 300)):
+                x = x * 0.9 + 0.1
+                t = torch.tensor(t)
+                got = graph([packed], [cache], x, t, None, None)[0][0]
+                expected = model.forward_gen([packed], [cache], x, t)[0][0]
+                assert torch.equal(got, expected), step
+                handed_out.append((got, expected))
+        assert graph.replays == 4
+        # Later replays leave what earlier calls returned alone: the caller's copies, not the graph's buffers.
+        assert all(torch.equal(got, expected) for got, expected in handed_out)
+        with pytest.raises(ValueError, match="another structure or shape"):
+            graph([packs[1]], [caches[1]], x[:, :1], t, None, None)
 
 
 needs_gpu = pytest.mark.skipif(not GPU, reason="CUDA graphs need a CUDA GPU")
