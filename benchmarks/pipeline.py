@@ -231,6 +231,8 @@ class Bench:
         from diffusers import Cosmos3OmniPipeline, UniPCMultistepScheduler
 
         self.device = default_device()
+        # torch's SDPA choice before anything else attends: what diffusers gets in a process of its own.
+        sdpa_at_start = sdpa_choice(self.device, torch.bfloat16)
         start = time.perf_counter()
         cfg, ref, self.base = build_models(args.preset, self.device)
         vae = wan22_vae(self.device, cfg.latent_channel, full=args.preset != "tiny")
@@ -248,6 +250,7 @@ class Bench:
             "probe": {},
             "runs": [],
             "rows": [],
+            "sdpa_at_start": sdpa_at_start,
             "diffusers_sdpa": [],  # sdpa_choice before each diffusers request
         }
         self.out = args.out
@@ -510,11 +513,10 @@ def complete_rows(records: list[dict]) -> None:
 
 def sdpa_choice(device: torch.device, dtype: torch.dtype) -> str:
     """The SDPA backend torch picks, in this process's state now, for a call shaped as diffusers' generation
-    attention makes it (32 query heads on 8 KV heads of 128, grouped, from permuted views). diffusers leaves the
-    choice to torch; cosmos3 sets its own order per call (`cosmos3.model.layers.attention`). Recorded before each
-    diffusers request: its 720p step took 6.65 s in one process and 9.22 s in another on the same machine
-    (benchmarks/README.md), which torch's flash backend in place of cuDNN (89 against 54 ms a call, 72 calls a
-    step) would explain."""
+    attention makes it (32 query heads on 8 KV heads of 128, grouped, from permuted views). Recorded at the start
+    and before each diffusers request: cosmos3 once changed torch's process-global choice for diffusers' attention
+    from cuDNN to flash (its 720p step 9.2 s instead of 6.5 s; benchmarks/README.md, "2026-12-03, night"), and the
+    table says so if diffusers ever runs on another backend than a process of its own would give it."""
     from torch.nn.attention import SDPBackend
 
     q = torch.zeros(1, 256, 32, 128, device=device, dtype=dtype).permute(0, 2, 1, 3)
@@ -552,6 +554,9 @@ def print_tables(records: list[dict]) -> None:
         if rec.get("diffusers_sdpa"):
             counts = {name: rec["diffusers_sdpa"].count(name) for name in sorted(set(rec["diffusers_sdpa"]))}
             print(f"\ndiffusers' SDPA backend (torch's choice) at its requests: {counts}")
+            start = rec.get("sdpa_at_start")
+            if start is not None and set(counts) != {start}:
+                print(f"WARNING: a fresh process's choice is {start}: diffusers' rows are not what a user gets")
     for note in sorted(notes):
         if note == "cache":
             print(f"\n(n/{TARGET_STEPS}): the steps a step-cache variant computes of {TARGET_STEPS}, from the probe:")

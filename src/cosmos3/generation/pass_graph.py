@@ -14,6 +14,7 @@ eager pass's, bit for bit (tests/test_pass_graph.py checks this on a GPU).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -76,15 +77,32 @@ class PassGraph:
         self.inputs = [x.clone() if isinstance(x, torch.Tensor) else x for x in leaves]
         self.spec = spec
         hook, self.model.between_layers = self.model.between_layers, None  # nothing of another's may be captured
+        graph = torch.cuda.CUDAGraph()
         try:
-            graph = torch.cuda.CUDAGraph()
-            # thread_local: a server's other threads may use the GPU's allocator meanwhile (request reading).
-            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-                out = self.model.forward_gen(packs, caches, *tree_unflatten(self.inputs, spec))
+            out = record(graph, lambda: self.model.forward_gen(packs, caches, *tree_unflatten(self.inputs, spec)))
         finally:
             self.model.between_layers = hook
         self.outputs, self.out_spec = tree_flatten(out)
         self.graph = graph
+
+
+def record(graph: torch.cuda.CUDAGraph, fn: Callable[[], Any]) -> Any:
+    """Capture `fn()` into `graph` (its kernels are recorded, not run) and return its outputs, the graph's own.
+
+    On a side stream (capture cannot run on the legacy default stream) that first waits for the work queued so far.
+    Not `torch.cuda.graph(...)`: that also synchronises, collects garbage and empties the allocator's cache before
+    every capture, ~0.15 s a request that then pays again for every new cudaMalloc. thread_local: a server's other
+    threads may use the GPU's allocator meanwhile (request reading)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        graph.capture_begin(capture_error_mode="thread_local")
+        try:
+            out = fn()
+        finally:
+            graph.capture_end()
+    torch.cuda.current_stream().wait_stream(stream)
+    return out
 
 
 def graphable(model: torch.nn.Module, rows: int) -> bool:

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from cosmos3.config import TransformerConfig
 
@@ -82,14 +80,14 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos.unsqueeze(-2) + rotated * sin.unsqueeze(-2)
 
 
-# On Hopper, cuDNN's fused attention is the fastest SDPA backend for these shapes (about 1.6x flash at 720p, see
-# benchmarks/README.md); torch falls through the list to the first backend that supports the inputs.
-SDPA_PRIORITY = [
-    SDPBackend.CUDNN_ATTENTION,
-    SDPBackend.FLASH_ATTENTION,
-    SDPBackend.EFFICIENT_ATTENTION,
-    SDPBackend.MATH,
-]
+# Which SDPA kernel runs is torch's choice, on purpose. On Hopper and Blackwell with cuDNN newer than 9.15 (what torch
+# 2.11's CUDA 13 wheels bring) torch tries cuDNN's fused attention first, the fastest for these shapes (about 1.6x
+# flash at 720p, benchmarks/README.md); it skips older cuDNN releases for a correctness bug (pytorch#169849).
+# cosmos3 used to set cuDNN first itself with `sdpa_kernel(..., set_priority=True)`, which writes process-global
+# flags: another thread's attention reads them meanwhile, and when cosmos3 attended before torch had made its first
+# choice of the process, the context manager restored torch's not-yet-initialised order (flash first) for the rest
+# of the process, so every other library's attention in it ran 1.6x slower (diffusers' 720p step 9.2 s instead of
+# 6.5 s; benchmarks/README.md, "2026-12-03, night").
 
 
 def attention(
@@ -105,10 +103,9 @@ def attention(
     unbatched = q.dim() == 3
     if unbatched:  # the fused SDPA kernels take 4-D inputs only
         q, k, v = q[None], k[None], v[None]
-    with sdpa_kernel(SDPA_PRIORITY, set_priority=True) if q.is_cuda else contextlib.nullcontext():
-        out = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, is_causal=causal, enable_gqa=True
-        )
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, is_causal=causal, enable_gqa=True
+    )
     out = out.transpose(1, 2).flatten(2)
     return out[0] if unbatched else out
 
