@@ -145,10 +145,10 @@ def test_dup_up_add_is_x_plus_diffusers_dup_up(first_chunk):
 
 
 def test_fused_kernels_round_as_the_eager_modules():
-    """The compiled norm + SiLU and shortcut (what a GPU decode runs) against diffusers' modules, in bf16."""
-    from diffusers.models.autoencoders.autoencoder_kl_wan import DupUp3D, WanRMS_norm
+    """The compiled norm + SiLU (what a GPU decode runs) against diffusers' modules, in bf16."""
+    from diffusers.models.autoencoders.autoencoder_kl_wan import WanRMS_norm
 
-    from cosmos3.generation.wan_decode import compiled, dup_up_add, rms_silu
+    from cosmos3.generation.wan_decode import compiled, rms_silu
 
     norm = WanRMS_norm(16, images=False)
     with torch.no_grad():
@@ -161,10 +161,6 @@ def test_fused_kernels_round_as_the_eager_modules():
         fused = compiled(rms_silu)(x, norm.gamma.view(-1))
         ulp = (fused.float() - expected.float()).abs() / expected.float().abs().clamp_min(1e-3)
         assert ulp.max() <= 2**-7  # one bf16 rounding step at most (fp32 norms summed in another order)
-        skip = channels_last(torch.randn(1, 16, 2, 3, 4)).bfloat16()
-        y = DupUp3D(16, 16, factor_t=2, factor_s=2)(skip)
-        base = channels_last(torch.randn(y.shape)).bfloat16()
-        assert torch.equal(compiled(dup_up_add)(base, skip, 16, 2, 2, False), base + y)
 
 
 @pytest.mark.parametrize("wan22", [True, False], ids=["wan2.2", "wan2.1"])

@@ -65,8 +65,11 @@ def dup_up_add(
 @functools.cache
 def compiled(fn: Callable) -> Callable:
     # Eager runs the norm as ~6 passes over the activation (fp32 copy, norm, divide, cast, two scales) and SiLU as
-    # one more, and the shortcut's repeat as two copies and an add; Inductor fuses each into one pass, keeping
-    # eager's roundings. Dynamic shapes: a graph serves every size.
+    # one more; Inductor fuses them into one pass, keeping eager's roundings. Dynamic shapes: a graph serves every
+    # size. Only the norm is compiled: measured on an H200 in fresh processes (720p, 6 latent frames;
+    # benchmarks/results/2026-12-03-h200-vae-compile-variants.log), compiling it costs ~10 s once and takes the
+    # decode from 0.87 to 0.80 s; compiling the shortcut (`dup_up_add`) as well cost 60 s more (dynamic 8-D views)
+    # and bought nothing (0.81 s).
     return torch.compile(fn, dynamic=True, options={"emulate_precision_casts": True})
 
 
@@ -138,9 +141,7 @@ def up_block(block: nn.Module, x: torch.Tensor, cache: CausalCache, first_chunk:
             x = resample(block.upsampler, x, cache, first_chunk)
         if block.avg_shortcut is not None:
             dup = block.avg_shortcut
-            # The first chunk (1 of many) runs eagerly: compiled, it would be two more graphs to compile.
-            add = compiled(dup_up_add) if cache.fused and not first_chunk else dup_up_add
-            x = add(x, skip, dup.out_channels, dup.factor_t, dup.factor_s, first_chunk)
+            x = dup_up_add(x, skip, dup.out_channels, dup.factor_t, dup.factor_s, first_chunk)
         return x
     if block.upsamplers is not None:
         x = resample(block.upsamplers[0], x, cache, first_chunk)
