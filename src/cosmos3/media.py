@@ -324,7 +324,8 @@ def image_values(frame: Any, field: str) -> torch.Tensor:
     if isinstance(frame, Image.Image):
         return torch.from_numpy(np.array(frame.convert("RGB"), copy=True)).permute(2, 0, 1).float()
     if isinstance(frame, np.ndarray):
-        frame = torch.from_numpy(np.ascontiguousarray(frame)).permute(2, 0, 1) if frame.ndim == 3 else None
+        # A copy: a caller's array may be read-only (np.asarray of a PIL image), which torch warns about.
+        frame = torch.from_numpy(np.array(frame, copy=True)).permute(2, 0, 1) if frame.ndim == 3 else None
     if not isinstance(frame, torch.Tensor) or frame.ndim != 3 or frame.shape[0] != 3:
         raise RequestError(
             field,

@@ -25,17 +25,22 @@ def prepare(parts: Parts, req: GenerateRequest, on_step=None) -> Denoising:
     shape = video.latent_shape(n, h, w)
     clean: list[int] = []
     x0 = None
+    # Only the clean latent frames of x0 are used, and the VAE encoder is causal in time (latent frame k sees pixel
+    # frames up to temporal * k; diffusers encodes frame 0 alone, then `temporal` frames at a time): so only the
+    # pixel frames up to the last clean one are encoded. The reference encodes the whole clip (image2video: the
+    # image repeated over every frame) and gets the same clean latents; at 720p x 189 frames that encode is ~4 s.
     if req.mode == "image2video":
         image = media.load_image(req.image, "image")
-        x0 = video.encode(conditioning.image_to_video_pixels(image, n, h, w))
+        x0 = video.encode(conditioning.image_to_video_pixels(image, 1, h, w))
         clean = [0]
     elif req.mode == "video2video":
         frames, _ = media.load_video(req.video, "video")
+        clean = sorted(set(req.condition_frame_indexes_vision))
+        covered = min(n, clean[-1] * video.temporal + 1)
         pixels = conditioning.video_to_video_pixels(
-            frames, n, h, w, req.condition_frame_indexes_vision, req.condition_video_keep, video.temporal
+            frames, covered, h, w, req.condition_frame_indexes_vision, req.condition_video_keep, video.temporal
         )
         x0 = video.encode(pixels)
-        clean = sorted(set(req.condition_frame_indexes_vision))
     if n % video.temporal != 1 and n > 1:
         logger.warning(
             "num_frames=%d is not %dk+1: the VAE keeps %d frames",
