@@ -129,19 +129,30 @@ def channels_last(x: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("first_chunk", [True, False])
-def test_dup_up_add_is_x_plus_diffusers_dup_up(first_chunk):
+@pytest.mark.parametrize(
+    ("c_in", "c_out", "factor_t", "frames"),
+    [
+        (8, 8, 2, 3),  # repeats = F: a broadcast of each skip channel (Wan2.2's first up block)
+        (8, 4, 2, 3),  # F / 2: time sub-position from the channels (Wan2.2's second)
+        (8, 4, 1, 3),  # F / 2 without temporal upsampling (Wan2.2's third)
+        (32, 4, 2, 2),  # 1: every sub-position from the channels
+        (6, 12, 2, 1),  # 2 F: two output channels per skip channel; one frame
+        (16, 6, 2, 2),  # 3: no whole axis, the repeated copy
+    ],
+)
+def test_dup_up_add_is_x_plus_diffusers_dup_up(first_chunk, c_in, c_out, factor_t, frames):
     from diffusers.models.autoencoders.autoencoder_kl_wan import DupUp3D
 
     from cosmos3.generation.wan_decode import dup_up_add
 
-    for c_in, c_out, factor_t in ((8, 8, 2), (8, 4, 1), (6, 12, 2)):  # repeats = F, F / 2, 2 F
-        dup = DupUp3D(c_in, c_out, factor_t=factor_t, factor_s=2)
-        skip = channels_last(torch.randn(1, c_in, 3, 4, 5))
-        expected = dup(skip, first_chunk=first_chunk)
-        x = channels_last(torch.randn(expected.shape))
-        out = dup_up_add(x, skip, c_out, factor_t, 2, first_chunk)
-        assert out.is_contiguous(memory_format=torch.channels_last_3d)
-        assert torch.equal(out, x + expected)
+    dup = DupUp3D(c_in, c_out, factor_t=factor_t, factor_s=2)
+    skip = channels_last(torch.randn(1, c_in, frames, 4, 5))
+    expected = dup(skip, first_chunk=first_chunk)
+    x = channels_last(torch.randn(expected.shape))
+    reference = x + expected
+    out = dup_up_add(x, skip, c_out, factor_t, 2, first_chunk)
+    assert out.is_contiguous(memory_format=torch.channels_last_3d)
+    assert torch.equal(out, reference)
 
 
 def test_fused_kernels_round_as_the_eager_modules():
@@ -178,3 +189,32 @@ def test_chunked_decode_with_one_temporal_upsample(wan22):
         out = torch.cat(list(decode_chunks(vae, z, 2)), dim=2)
     assert out.shape == reference.shape and out.shape[2] == 9
     assert rel(out, reference) < 1e-5
+
+
+def chunks_of(pixels: torch.Tensor, sizes: list[int]) -> list[torch.Tensor]:
+    return list(torch.split(pixels, sizes, dim=2))
+
+
+def test_frames_on_host_lays_chunks_in_order_and_checks_their_count():
+    from cosmos3.generation.codecs import frames_on_host, to_uint8
+
+    pixels = torch.rand(1, 3, 9, 4, 6) * 2.2 - 1.1  # past [-1, 1] as well: clamped
+    expected = to_uint8(pixels).numpy()
+    assert np.array_equal(frames_on_host(chunks_of(pixels, [1, 4, 4]), 9), expected)
+    assert frames_on_host(chunks_of(pixels, [1, 4, 4]), 9).flags.c_contiguous
+    with pytest.raises(RuntimeError, match="gave 5 frames; its latents have 9"):
+        frames_on_host(chunks_of(pixels[:, :, :5], [1, 4]), 9)
+    with pytest.raises(RuntimeError, match="more than the 5 frames"):
+        frames_on_host(chunks_of(pixels, [1, 4, 4]), 5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the overlapped copies to pinned memory need a GPU")
+def test_frames_on_host_from_a_gpu_equals_the_plain_copy():
+    from cosmos3.generation.codecs import frames_on_host, to_uint8
+
+    pixels = torch.rand(1, 3, 21, 72, 128, device="cuda") * 2 - 1
+    expected = to_uint8(pixels).cpu().numpy()
+    for _ in range(3):  # pinned blocks come back from torch's host cache on later calls
+        sizes = [1] + [4] * 5
+        chunks = (chunk.clone() * 1.0 for chunk in chunks_of(pixels, sizes))  # made as the copies run
+        assert np.array_equal(frames_on_host(chunks, 21), expected)

@@ -51,15 +51,40 @@ def dup_up_add(
     x: torch.Tensor, skip: torch.Tensor, out_channels: int, factor_t: int, factor_s: int, first_chunk: bool
 ) -> torch.Tensor:
     """`x + DupUp3D(skip)` on channels-last tensors: each channel of `skip` repeated, the repeats spread over
-    (time, height, width) sub-positions in `DupUp3D`'s order, the first frame's extra time repeats dropped."""
+    (time, height, width) sub-positions in `DupUp3D`'s order, the first frame's extra time repeats dropped. Added
+    into `x` in place (x is a fresh activation) as a broadcast of `skip`, one pass over `x` without materialising
+    the repeated `skip`, where the repeats line up with whole sub-position axes (every Wan VAE); else through the
+    repeated copy, as `DupUp3D` does."""
     b, c, t, h, w = skip.shape
-    repeats = out_channels * factor_t * factor_s * factor_s // c
-    y = skip.permute(0, 2, 3, 4, 1).repeat_interleave(repeats, dim=-1)  # [B, T, H, W, C * repeats]
-    y = y.view(b, t, h, w, out_channels, factor_t, factor_s, factor_s).permute(0, 1, 5, 2, 6, 3, 7, 4)
-    y = y.reshape(b, t * factor_t, h * factor_s, w * factor_s, out_channels)
-    if first_chunk:
-        y = y[:, factor_t - 1 :]
-    return x + y.permute(0, 4, 1, 2, 3)
+    k = factor_t * factor_s * factor_s  # sub-positions per input position, in (time, height, width) order
+    repeats = out_channels * k // c  # output (channel, sub-position) pair j reads skip channel j // repeats
+    sub = skip.permute(0, 2, 3, 4, 1)  # [B, T, H, W, C]; a view of a channels-last tensor
+    # sub-position axes that come from skip's channels (the rest broadcast), by repeats < k
+    leading = {
+        factor_s * factor_s: (factor_t, 1, 1),
+        factor_s: (factor_t, factor_s, 1),
+        1: (factor_t, factor_s, factor_s),
+    }
+    if repeats % k == 0:  # one skip channel per output channel, broadcast over its sub-positions
+        view = sub[:, :, None, :, None, :, None, :, None]  # [B, T, 1, H, 1, W, 1, C, 1]
+        target = (b, t, factor_t, h, factor_s, w, factor_s, c, repeats // k)
+    elif repeats in leading:
+        ft, fh, fw = leading[repeats]
+        view = sub.reshape(b, t, h, w, out_channels, ft, fh, fw).permute(0, 1, 5, 2, 6, 3, 7, 4)
+        target = (b, t, factor_t, h, factor_s, w, factor_s, out_channels)
+    else:
+        y = sub.repeat_interleave(repeats, dim=-1)  # [B, T, H, W, C * repeats]
+        y = y.view(b, t, h, w, out_channels, factor_t, factor_s, factor_s).permute(0, 1, 5, 2, 6, 3, 7, 4)
+        y = y.reshape(b, t * factor_t, h * factor_s, w * factor_s, out_channels)
+        if first_chunk:
+            y = y[:, factor_t - 1 :]
+        return x + y.permute(0, 4, 1, 2, 3)
+    out = x.permute(0, 2, 3, 4, 1)  # [B, T', H', W', C_out], a view: the adds below write into x
+    if first_chunk:  # frame 0 keeps only its last time sub-position
+        out[:, :1].view(b, 1, 1, h, factor_s, w, factor_s, *target[7:]).add_(view[:, :1, -1:])
+        out, view, t = out[:, 1:], view[:, 1:], t - 1
+    out.view(b, t, *target[2:]).add_(view)
+    return x
 
 
 @functools.cache
