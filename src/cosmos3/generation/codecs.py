@@ -83,7 +83,7 @@ def frames_on_host(chunks: Iterable[torch.Tensor], frames: int) -> np.ndarray:
     """Decoded chunks of pixels (in order) -> uint8 frames [frames, H, W, 3] in host memory. On a GPU each chunk is
     copied into pinned memory behind its decode, without waiting, and moved into the result while the next chunk
     decodes: a plain `.cpu()` per chunk held the GPU idle for each copy and the final concatenation copied the whole
-    video once more (~0.3-0.5 s of a 720p request, benchmarks/README.md "VAE decode")."""
+    video once more: 6.83-7.08 -> 6.53-6.55 s at 720p x 189 frames (benchmarks/README.md, "2026-12-03, late")."""
     out: np.ndarray | None = None
     start = 0
     pending: tuple[torch.Tensor, torch.cuda.Event, int] | None = None
