@@ -29,6 +29,7 @@ request but its first, which also holds the prompt's encoding); `--steps N` runs
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import dataclasses
 import itertools
@@ -43,6 +44,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 from common import SCHEDULE, VAE_SPATIAL, VAE_TEMPORAL, build_models, default_device, environment, wan22_vae, write_json
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from cosmos3.engine import FAST_STEP_CACHE, speed_up_generation
 from cosmos3.generation.codecs import VideoCodec
@@ -254,6 +256,9 @@ class Bench:
             "diffusers_sdpa": [],  # sdpa_choice before each diffusers request
         }
         self.out = args.out
+        self.diffusers_sdpa = DIFFUSERS_SDPA[args.diffusers_sdpa]
+        if self.diffusers_sdpa is not None:
+            self.record["meta"]["diffusers_sdpa_backends"] = args.diffusers_sdpa
         cuda_sync()
         self.record["meta"]["build_s"] = round(time.perf_counter() - start, 1)
         print(f"models built in {self.record['meta']['build_s']} s", flush=True)
@@ -304,7 +309,12 @@ class Bench:
         cosmos3's to 1e-4 in fp32); the final latents are taken by the step callback, so the request still
         decodes and postprocesses its frames as a user's would."""
         final: dict[str, torch.Tensor] = {}
-        self.record["diffusers_sdpa"].append(sdpa_choice(self.device, self.base.dtype))
+
+        def backends():
+            return contextlib.nullcontext() if self.diffusers_sdpa is None else sdpa_kernel(self.diffusers_sdpa)
+
+        with backends():
+            self.record["diffusers_sdpa"].append(sdpa_choice(self.device, self.base.dtype))
         channels_last_weights(self.pipe.vae, False)  # diffusers' own layout (cosmos3's decode makes them channels-last)
 
         def keep(pipe, i: int, t, kwargs: dict) -> dict:
@@ -330,7 +340,8 @@ class Bench:
         )
         if req.mode == "image2video":
             kwargs["image"] = req.image
-        self.pipe(**kwargs)
+        with backends():  # only the backends' on/off flags, restored after; torch's priority order stays as it is
+            self.pipe(**kwargs)
         return final["latents"], req.num_steps
 
     def timed_run(
@@ -511,14 +522,24 @@ def complete_rows(records: list[dict]) -> None:
         add_ratios(rec["rows"])
 
 
+# The SDPA backends diffusers' requests may use (`--diffusers-sdpa`). torch picks the first usable backend of its
+# priority order: cuDNN first on Hopper/Blackwell where torch's cuDNN is 9.15 or newer (torch 2.11's CUDA 13 wheels
+# bring 9.19), flash first with older cuDNN (CUDA 12 wheels), on purpose (pytorch#169849). "flash" turns cuDNN off
+# for diffusers' calls, giving the choice torch makes on such an install; it sets only the backends' on/off flags
+# and restores them (never the priority order, whose save-and-restore once slowed every later call: README).
+DIFFUSERS_SDPA = {"torch": None, "flash": [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]}
+DIFFUSERS_SDPA_HELP = {
+    "torch": "torch's own choice on this machine (the default)",
+    "flash": "cuDNN off, as torch chooses where its cuDNN is older than 9.15 (CUDA 12 wheels)",
+}
+
+
 def sdpa_choice(device: torch.device, dtype: torch.dtype) -> str:
     """The SDPA backend torch picks, in this process's state now, for a call shaped as diffusers' generation
     attention makes it (32 query heads on 8 KV heads of 128, grouped, from permuted views). Recorded at the start
     and before each diffusers request: cosmos3 once changed torch's process-global choice for diffusers' attention
     from cuDNN to flash (its 720p step 9.2 s instead of 6.5 s; benchmarks/README.md, "2026-12-03, night"), and the
     table says so if diffusers ever runs on another backend than a process of its own would give it."""
-    from torch.nn.attention import SDPBackend
-
     q = torch.zeros(1, 256, 32, 128, device=device, dtype=dtype).permute(0, 2, 1, 3)
     kv = torch.zeros(1, 300, 8, 128, device=device, dtype=dtype).permute(0, 2, 1, 3)
     return SDPBackend(torch._fused_sdp_choice(q, kv, kv, None, 0.0, False, enable_gqa=True)).name
@@ -555,7 +576,10 @@ def print_tables(records: list[dict]) -> None:
             counts = {name: rec["diffusers_sdpa"].count(name) for name in sorted(set(rec["diffusers_sdpa"]))}
             print(f"\ndiffusers' SDPA backend (torch's choice) at its requests: {counts}")
             start = rec.get("sdpa_at_start")
-            if start is not None and set(counts) != {start}:
+            forced = rec["meta"].get("diffusers_sdpa_backends")
+            if forced is not None:
+                print(f"diffusers ran with --diffusers-sdpa {forced}: {DIFFUSERS_SDPA_HELP[forced]}")
+            elif start is not None and set(counts) != {start}:
                 print(f"WARNING: a fresh process's choice is {start}: diffusers' rows are not what a user gets")
     for note in sorted(notes):
         if note == "cache":
@@ -587,6 +611,12 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="video at 1 and 2 steps")
     parser.add_argument("--repeat", type=int, default=1, help="timed requests per step count (median)")
     parser.add_argument("--no-probe", action="store_true", help="skip the 35-step probe of step-cache variants")
+    parser.add_argument(
+        "--diffusers-sdpa",
+        default="torch",
+        choices=list(DIFFUSERS_SDPA),
+        help="; ".join(f"{k}: {v}" for k, v in DIFFUSERS_SDPA_HELP.items()),
+    )
     parser.add_argument("--out", help="JSON record, rewritten after every request")
     parser.add_argument(
         "--budget-s", type=float, help="skip a workload whose estimated time would end the run past this many seconds"
