@@ -132,9 +132,9 @@ def channels_last(x: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize(
     ("c_in", "c_out", "factor_t", "frames"),
     [
-        (8, 8, 2, 3),  # repeats = F: a broadcast of each skip channel (Wan2.2's first up block)
-        (8, 4, 2, 3),  # F / 2: time sub-position from the channels (Wan2.2's second)
-        (8, 4, 1, 3),  # F / 2 without temporal upsampling (Wan2.2's third)
+        (8, 8, 2, 3),  # repeats = F: a broadcast of each skip channel (Wan2.2's first two up blocks)
+        (8, 4, 2, 3),  # F / 2: the time sub-position from the channels
+        (8, 4, 1, 3),  # F / 2 without temporal upsampling: the row from the channels (Wan2.2's third)
         (32, 4, 2, 2),  # 1: every sub-position from the channels
         (6, 12, 2, 1),  # 2 F: two output channels per skip channel; one frame
         (16, 6, 2, 2),  # 3: no whole axis, the repeated copy

@@ -59,7 +59,7 @@ def dup_up_add(
     k = factor_t * factor_s * factor_s  # sub-positions per input position, in (time, height, width) order
     repeats = out_channels * k // c  # output (channel, sub-position) pair j reads skip channel j // repeats
     sub = skip.permute(0, 2, 3, 4, 1)  # [B, T, H, W, C]; a view of a channels-last tensor
-    # sub-position axes that come from skip's channels (the rest broadcast), by repeats < k
+    # repeats < k: the leading sub-position axes come from skip's channels, the trailing `repeats` broadcast
     leading = {
         factor_s * factor_s: (factor_t, 1, 1),
         factor_s: (factor_t, factor_s, 1),
