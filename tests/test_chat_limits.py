@@ -56,3 +56,26 @@ def test_serve_flags_reach_the_settings():
     for flags in bad:
         with pytest.raises(RequestError, match=flags[0][2:].replace("-", "_")):
             _server_settings(build_parser().parse_args(["serve", *flags]))
+
+
+def test_a_prompt_past_max_prompt_tokens_is_a_400_naming_the_field(engine, settings):
+    """Characters do not bound a prompt's tokens (each message adds its chat template), tokens do; the cap holds on
+    both routes that reach the Reasoner, and a prompt under it is answered."""
+    settings.limits.max_prompt_tokens = 64
+    many = {"messages": [{"role": "user", "content": "a"}] * 40, "max_tokens": 2}  # 40 characters
+    with TestClient(create_app(engine, settings)) as client:
+        r = client.post("/v1/chat/completions", json=many)
+        assert r.status_code == 400, r.text
+        error = r.json()["error"]
+        assert error["param"] == "messages" and "at most 64 prompt tokens" in error["message"]
+        r = client.post("/predict", json={"model_mode": "reasoner", "prompt": "word " * 200, "max_tokens": 2})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "prompt", r.text
+        assert client.post("/v1/chat/completions", json=CHAT).status_code == 200
+        assert client.app.state.conversations.pending == 0  # the refused conversations gave their places back
+
+
+def test_max_prompt_tokens_flag_reaches_the_settings():
+    args = build_parser().parse_args(["serve", "--max-prompt-tokens", "1000"])
+    assert _server_settings(args).limits.max_prompt_tokens == 1000
+    with pytest.raises(RequestError, match="max_prompt_tokens"):
+        _server_settings(build_parser().parse_args(["serve", "--max-prompt-tokens", "0"]))

@@ -260,20 +260,35 @@ def test_shutdown_mid_step_is_quick_and_marks_the_job_interrupted(engine, settin
     assert server.app.state.store.get(job["id"]).status == "failed"
 
 
-def test_a_conversation_whose_client_left_gives_the_engine_back(engine, live, monkeypatch):
+@pytest.mark.parametrize(
+    ("route", "body"),
+    [
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "stream": True}),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}),
+        ("/predict", {"model_mode": "reasoner", "prompt": "hi", "max_tokens": 4}),
+    ],
+    ids=["chat-stream", "chat", "predict-reasoner"],
+)
+def test_a_conversation_whose_client_left_gives_the_engine_back(engine, live, monkeypatch, route, body):
+    """The client gives up while a video holds the engine: its conversation leaves before any prefill, streamed or
+    not (a non-streamed route is not cancelled by Starlette when its client leaves: `unless_gone` does it)."""
+    from cosmos3.reasoning.scheduler import Scheduler
+
     gate = Gate(engine, monkeypatch)
-    streamed = []
-    original = engine.reasoner.stream
-    monkeypatch.setattr(engine.reasoner, "stream", lambda *a, **k: streamed.append(1) or original(*a, **k))
+    prefills = []
+    for name in ("prefill_whole", "prefill_part"):
+        original = getattr(Scheduler, name)
+        monkeypatch.setattr(Scheduler, name, lambda self, *a, _o=original, **k: prefills.append(1) or _o(self, *a, **k))
     httpx.post(f"{live.url}/v1/videos", data={"prompt": "a", **SMALL})
     assert gate.entered.wait(30)
-    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "stream": True}
     with pytest.raises(httpx.ReadTimeout):  # gives up while the video holds the engine
-        httpx.post(f"{live.url}/v1/chat/completions", json=body, timeout=httpx.Timeout(30, read=1.0))
+        httpx.post(f"{live.url}{route}", json=body, timeout=httpx.Timeout(30, read=1.0))
     conversations = live.app.state.conversations
+    time.sleep(0.5)  # the server notices the disconnect
     gate.open()
     wait_until(lambda: conversations.pending == 0)
-    assert streamed == [] and not live.app.state.worker.engine_lock.locked()
+    wait_until(lambda: not live.app.state.worker.engine_lock.locked())
+    assert prefills == []
 
 
 @pytest.mark.parametrize("route", ["/v1/videos/sync", "/predict"])
@@ -458,3 +473,35 @@ def test_every_reply_says_its_seed_and_the_job_its_seconds(client):
     assert r.json()["seed"] == 0  # the hosted examples' seed
     r = client.post("/v1/videos/sync", data={"prompt": "a", **SMALL, "seed": "5"})
     assert r.headers["X-Seed"] == "5"
+
+
+@pytest.mark.parametrize("fps", ["nan", "inf", "-inf"])
+def test_seconds_with_a_non_finite_fps_is_a_400_naming_fps(client, fps):
+    r = client.post("/v1/videos/sync", data={"prompt": "x", "size": "320x192", "seconds": "1", "fps": fps})
+    assert error_of(r)["param"] == "fps"
+
+
+def test_json_nested_past_the_recursion_limit_is_a_400(client):
+    deep = "[" * 100_000 + "]" * 100_000
+    r = client.post("/v1/videos/sync", data={"prompt": "x", "size": "320x192", "extra_params": '{"a": ' + deep + "}"})
+    error = error_of(r)
+    assert error["param"] == "extra_params" and "nested too deeply" in error["message"]
+    action = data_uri(deep.encode(), "application/json")
+    body = {"model_mode": "forward_dynamics", "prompt": "x", "vision_path": data_uri(png_bytes(64, 48))}
+    r = client.post("/predict", json={**body, "action_path": action})
+    assert error_of(r)["param"] == "action_path"
+
+
+def test_an_unexpected_error_is_a_500_and_the_connection_stays_usable(live, monkeypatch):
+    """Starlette's outermost handler answers 500 and then re-raises, and uvicorn resets the connection: the
+    client's next keep-alive request failed. The Guard answers it instead."""
+    import cosmos3.server.videos as videos
+
+    def broken(*args, **kwargs):
+        raise ZeroDivisionError("a bug")
+
+    monkeypatch.setattr(videos, "queue_video", broken)
+    with httpx.Client(base_url=live.url, timeout=30) as http:
+        r = http.post("/v1/videos/sync", data={"prompt": "x", "size": "320x192"})
+        assert r.status_code == 500 and r.json()["error"]["message"] == "internal error: ZeroDivisionError"
+        assert http.get("/health").status_code == 200  # the same connection

@@ -17,6 +17,7 @@ from cosmos3.generation.dialects import MODES, dialect
 from cosmos3.generation.request import GenerateRequest
 from cosmos3.reason_request import REASONER_OUTPUT, ReasonRequest, is_reasoner_entry, reason, request_from_entry
 from cosmos3.reasoning.scheduler import PREFILL_CHUNK
+from cosmos3.server.limits import Limits
 
 
 def _on_off_auto(text: str) -> bool | str:
@@ -227,6 +228,12 @@ def add_server_args(s: argparse.ArgumentParser, port: int) -> None:
     )
     s.add_argument(
         "--max-pending-chats", type=int, default=128, help="chats running or waiting before 429 (default 128)"
+    )
+    s.add_argument(
+        "--max-prompt-tokens",
+        type=int,
+        default=Limits.max_prompt_tokens,
+        help=f"a chat prompt's tokens, its media's included; longer is a 400 (default {Limits.max_prompt_tokens})",
     )
     s.add_argument("--allowed-local-media-path", help="local media paths in requests must lie under this folder")
     s.add_argument("--jobs-db", default="cosmos3-server/jobs.db", help="SQLite job store (survives restarts)")
@@ -700,7 +707,6 @@ def _bounded(name: str, value: int, lo: int, hi: int) -> int:
 def _server_settings(args: argparse.Namespace):
     from cosmos3.reasoning.scheduler import MAX_SLOTS
     from cosmos3.server.chat import media_io_default
-    from cosmos3.server.limits import Limits
     from cosmos3.server.settings import Settings
 
     return Settings(
@@ -722,6 +728,7 @@ def _server_settings(args: argparse.Namespace):
         limits=Limits(
             max_upload_bytes=args.max_upload_mb * 2**20,
             max_pending_chats=_bounded("max_pending_chats", args.max_pending_chats, 1, 4096),
+            max_prompt_tokens=_bounded("max_prompt_tokens", args.max_prompt_tokens, 16, 2**20),
         ),
     )
 

@@ -28,7 +28,7 @@ def _read_json(source: Any, field: str) -> Any:
     if isinstance(source, (str, Path)):
         try:
             return json.loads(Path(source).read_text())
-        except (OSError, json.JSONDecodeError) as exc:
+        except (OSError, json.JSONDecodeError, RecursionError) as exc:  # RecursionError: nested too deeply
             raise RequestError(field, str(source), "a readable JSON file", f"cannot be read ({exc})") from exc
     return source
 

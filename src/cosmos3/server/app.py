@@ -51,7 +51,11 @@ def create_app(engine: Any, settings: Settings | None = None) -> FastAPI:
     app.state.settings, app.state.server = settings, server
     app.state.engine, app.state.store, app.state.worker = engine, store, worker
     app.state.conversations = chat.Conversations(
-        worker, settings.limits.max_pending_chats, settings.max_num_seqs, settings.max_num_batched_tokens
+        worker,
+        settings.limits.max_pending_chats,
+        settings.max_num_seqs,
+        settings.max_num_batched_tokens,
+        settings.limits.max_prompt_tokens,
     )
     if engine.reasoner is not None:  # chat media follow the same local-path rule as generation media
         engine.reasoner.allowed_media_dir = settings.allowed_local_media_path

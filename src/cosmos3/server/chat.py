@@ -32,10 +32,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from cosmos3.errors import RequestError
 from cosmos3.reasoning.decoding import MAX_N, MAX_TOP_LOGPROBS, Sampling
 from cosmos3.reasoning.messages import video_sampling
-from cosmos3.reasoning.reasoner import Deltas, Reply, replies
+from cosmos3.reasoning.reasoner import Decode, Deltas, Reply, replies
 from cosmos3.reasoning.scheduler import MAX_SLOTS, PREFILL_CHUNK, Scheduler
 from cosmos3.server.errors import APIError
 from cosmos3.server.jobs import Worker
+from cosmos3.server.limits import Limits
 from cosmos3.server.media_io import MediaIO, VideoIO
 from cosmos3.server.state import ServerState, state
 from cosmos3.server.submit import disconnected
@@ -206,8 +207,10 @@ class Conversations:
         max_pending: int,
         max_num_seqs: int = MAX_SLOTS,
         max_num_batched_tokens: int = PREFILL_CHUNK,
+        max_prompt_tokens: int = Limits.max_prompt_tokens,
     ):
         self.worker, self.max_pending, self.pending = worker, max_pending, 0
+        self.max_prompt_tokens = max_prompt_tokens  # bounds the prefill (and KV cache) one conversation causes
         self.max_num_seqs = max_num_seqs  # the scheduler's rows; a request's n choices take one each
         self.max_num_batched_tokens = max_num_batched_tokens  # the scheduler's prefill chunk
         # Threads for reading requests (URLs, video decoding, the processor): a conversation holds one only while it
@@ -223,6 +226,12 @@ class Conversations:
             message = f"{self.pending} conversations are running or waiting; retry later"
             raise APIError(429, message, None, {"Retry-After": "1"})
         self.pending += 1
+
+    def check_length(self, decode: Decode, field: str) -> None:
+        tokens = max(len(prompt.input_ids) for prompt in decode.prompts)
+        if tokens > self.max_prompt_tokens:
+            allowed = f"at most {self.max_prompt_tokens} prompt tokens on this server"
+            raise RequestError(field, f"<a prompt of {tokens} tokens>", allowed, "is too long")
 
     def release(self) -> None:
         self.pending -= 1
@@ -245,9 +254,11 @@ class Conversations:
         if self.scheduler is not None:
             self.scheduler.close()
 
-    async def complete(self, reasoner, messages: list[dict], sampling: Sampling, encode: dict) -> list[Reply]:
+    async def complete(
+        self, reasoner, messages: list[dict], sampling: Sampling, encode: dict, field: str = "messages"
+    ) -> list[Reply]:
         """The whole reply: the stream's deltas added up (an input error raises, as the stream's first item)."""
-        first, pieces, stop = await self.stream(reasoner, messages, sampling, encode)
+        first, pieces, stop = await self.stream(reasoner, messages, sampling, encode, field=field)
         deltas = []
         try:
             kind, value = first
@@ -261,14 +272,21 @@ class Conversations:
         return replies(deltas)
 
     async def stream(
-        self, reasoner, messages: list[dict], sampling: Sampling, encode: dict, gone: Awaitable | None = None
+        self,
+        reasoner,
+        messages: list[dict],
+        sampling: Sampling,
+        encode: dict,
+        gone: Awaitable | None = None,
+        field: str = "messages",
     ) -> tuple[tuple[str, Any] | None, asyncio.Queue, threading.Event]:
         """Read the conversation in the pool and submit its rows to the scheduler; returns (first item, queue of the
         rest, stop event). Items are ("delta", Delta), ("end", None) or ("error", exception). An input error is
         the first item, before any byte of the reply is sent, so that it can still be a 400. If `gone` (a
         client's disconnect) completes while the conversation waits for the engine, it ends (the first item is
         then None). Setting the stop event takes the rows out of the batch. The HTTP route and the playground both
-        stream through here."""
+        stream through here. A prompt of more than
+        `max_prompt_tokens` tokens is an input error naming `field`."""
         loop = asyncio.get_running_loop()
         stream = Stream(loop, self.streams)
 
@@ -276,6 +294,7 @@ class Conversations:
             try:
                 # No GPU here (the scheduler embeds); a client gone before its prompt's turn frees its rows unused.
                 decode = reasoner.prepare([messages], sampling, cancelled=stream.stop, **encode)
+                self.check_length(decode, field)
                 stream.deltas = Deltas(decode)
                 reasoner.submit_scheduled(decode, self.scheduler_for(reasoner), stream)
             except Exception as exc:  # reported in the reply; the server keeps running
@@ -302,6 +321,21 @@ class Conversations:
             stream.stop.set()
             return None, stream.pieces, stream.stop
         return first.result(), stream.pieces, stream.stop
+
+
+async def unless_gone(request: Request, reply: Awaitable[Any]) -> Any:
+    """`reply`'s result, or 499 once the client has gone: its rows then leave the batch (the cancelled `complete`
+    sets their stop), so a long prompt whose client left stops at its next prefill chunk. Starlette cancels nothing
+    of a non-streamed route when its client leaves."""
+    task, gone = asyncio.ensure_future(reply), asyncio.ensure_future(disconnected(request))
+    try:
+        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+    if not task.done():
+        task.cancel()
+        raise APIError(499, "the client closed the request")
+    return task.result()
 
 
 def sampling_of(body: ChatRequest, default: MediaIO | None = None) -> tuple[Sampling, dict[str, Any]]:
@@ -424,7 +458,7 @@ async def chat_completions(body: ChatRequest, request: Request):
     reasoner, sampling, encode = check(server, body)
     created, completion_id, model = int(time.time()), f"chatcmpl-{uuid.uuid4().hex}", server.settings.model_name
     if not body.stream:
-        replies = await conversations.complete(reasoner, body.messages, sampling, encode)
+        replies = await unless_gone(request, conversations.complete(reasoner, body.messages, sampling, encode))
         completion_tokens = sum(r.completion_tokens for r in replies)
         return ChatCompletion(
             id=completion_id,

@@ -135,5 +135,10 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception):
-        logger.exception("unhandled error")
-        return error_response(500, f"internal error: {type(exc).__name__}")
+        return internal_error(exc)
+
+
+def internal_error(exc: Exception) -> JSONResponse:
+    """The 500 for an error no handler expected: logged with its traceback, its type named to the client."""
+    logger.exception("unhandled error", exc_info=exc)
+    return error_response(500, f"internal error: {type(exc).__name__}")

@@ -9,7 +9,6 @@ conversations), so it never blocks the event loop and shares the engine with gen
 from __future__ import annotations
 
 import base64
-import json
 import shutil
 import uuid
 from typing import Any, Literal
@@ -22,14 +21,14 @@ from cosmos3.errors import RequestError
 from cosmos3.generation.dialects import ACTION_MODES, REASONER_MODE
 from cosmos3.media import probe_media
 from cosmos3.reason_request import SAMPLING_FIELDS, ReasonRequest, media_error
-from cosmos3.server.chat import VideoIO, video_encode
+from cosmos3.server.chat import VideoIO, unless_gone, video_encode
 from cosmos3.server.errors import APIError
 from cosmos3.server.inputs import fetch, store_file, store_media
 from cosmos3.server.jobs import Job, new_id
 from cosmos3.server.settings import Settings
 from cosmos3.server.state import ServerState, state
 from cosmos3.server.submit import read_output, resolve, wait_for_jobs
-from cosmos3.server.wire import Text
+from cosmos3.server.wire import Text, load_json
 
 router = APIRouter()
 
@@ -180,10 +179,7 @@ def queue_predict(server: ServerState, body: PredictRequest) -> Job:
             wire[kind] = "vision_path"
         if body.action_path:
             data = fetch(body.action_path, "action_path", server.settings)
-            try:
-                json.loads(data)
-            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-                raise APIError(400, "action_path is not a JSON file", "action_path") from exc
+            load_json(data, "action_path", "a JSON file")
             fields["action"] = str(store_file(data, folder, "action_path", ".json"))
             wire["action"] = "action_path"
         if mode in ("image2video", "video2video") or (action and "image" not in fields and "video" not in fields):
@@ -227,7 +223,9 @@ async def predict_reasoner(body: PredictRequest, request: Request, server: Serve
     video = VideoIO(fps=encode.pop("video_fps", None))
     encode.update(video_encode(settings.media_io_kwargs, video))
     try:
-        (reply,) = await conversations.complete(engine.reasoner, req.messages(), sampling, encode)
+        (reply,) = await unless_gone(
+            request, conversations.complete(engine.reasoner, req.messages(), sampling, encode, field="prompt")
+        )
     except RequestError as exc:
         raise media_error(exc) from exc
     output = SampleOutput(content={"reasoner_text": reply.text}, files=[])

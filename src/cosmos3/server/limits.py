@@ -25,6 +25,10 @@ class Limits:
     # The Reasoner.
     max_tokens: int = 32768  # reply tokens: an operator's default (a request may ask up to 131,072)
     max_chat_chars: int = 200_000  # text over all messages of one conversation
+    # Prompt tokens of one conversation, its media's included: bounds its prefill and KV cache (a prompt's characters
+    # do not: 50,000 one-letter messages are ~350,000 tokens of chat template). 65,536 holds a minute of 720p video
+    # at 2 frames a second (~53,000 tokens: 880 per frame pair) beside its text.
+    max_prompt_tokens: int = 65_536
     # Conversations running or waiting for a row (each is read in a thread of the chat pool, this size); more are 429.
     # Two per decode row of the default --max-num-seqs 64: a full batch plus as many again prefilling or queued.
     max_pending_chats: int = 128

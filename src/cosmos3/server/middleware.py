@@ -12,7 +12,7 @@ import anyio
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from cosmos3.server.errors import error_response
+from cosmos3.server.errors import error_response, internal_error
 from cosmos3.server.settings import Settings
 
 
@@ -37,7 +37,24 @@ class Guard:
             response.headers["Connection"] = "close"
             await response(scope, receive, send)
             return
-        await self.app(scope, _bounded(receive, limit, settings.body_timeout_s, settings.body_idle_timeout_s), send)
+        started = False
+
+        async def tracked(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(
+                scope, _bounded(receive, limit, settings.body_timeout_s, settings.body_idle_timeout_s), tracked
+            )
+        except Exception as exc:
+            # Answered here rather than by Starlette's outermost error middleware, which sends the same 500 but then
+            # re-raises to the server: uvicorn then resets the connection, failing the client's next keep-alive
+            # request. Once a response has started only closing the connection is left.
+            if started:
+                raise
+            await internal_error(exc)(scope, receive, send)
 
 
 def _authorised(headers: dict[str, str], key: str) -> bool:

@@ -5,7 +5,7 @@ frame counts); defaults and bounds are the dialect's and the request model's."""
 from __future__ import annotations
 
 import asyncio
-import json
+import math
 import shutil
 import time
 from dataclasses import dataclass
@@ -29,6 +29,7 @@ from cosmos3.server.wire import (
     check_guardrails_request,
     check_model,
     check_sequence_length,
+    load_json,
     merge_fields,
     parse_extra,
     parse_size,
@@ -289,11 +290,12 @@ def references(server: ServerState, form: VideoForm, folder) -> tuple[str | None
         ("video_reference", form.video_reference, "video_url"),
     ):
         if raw:
+            like = f'JSON like {{"{key}": "https://..."}}'
             try:
-                url = json.loads(raw)[key]
+                url = load_json(raw, name, like)[key]
                 url = url["url"] if isinstance(url, dict) else url
-            except (json.JSONDecodeError, KeyError, TypeError) as exc:
-                raise APIError(400, f'{name} must be JSON like {{"{key}": "https://..."}}', name) from exc
+            except (KeyError, TypeError) as exc:
+                raise APIError(400, f"{name} must be {like}", name) from exc
             data = fetch(url, name, server.settings)
             refs.append(store_media(data, folder, name, server.settings, expect=key.split("_")[0]))
     if len(refs) > 1:
@@ -310,10 +312,7 @@ def action_files(server: ServerState, fields: dict, wire: dict, folder) -> None:
         if isinstance(value, str):
             param = wire.get(key, key)
             data = fetch(value, param, server.settings)
-            try:
-                json.loads(data)
-            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-                raise APIError(400, f"{param} is not a JSON file", param) from exc
+            load_json(data, param, "a JSON file")
             fields[key] = str(store_file(data, folder, key, ".json"))
 
 
@@ -340,7 +339,8 @@ def apply_mode(fields: dict, wire: dict, kind: str | None, form: VideoForm) -> N
         return
     fields["mode"] = {"image": "image2video", "video": "video2video"}.get(kind, "text2video")
     fps = fields.get("fps", 24)
-    if "num_frames" not in fields and form.seconds is not None and isinstance(fps, (int, float)):
+    finite = isinstance(fps, (int, float)) and math.isfinite(fps)  # else the request model refuses fps by name
+    if "num_frames" not in fields and form.seconds is not None and finite:
         fields["num_frames"] = int(form.seconds * fps)
     indexes = fields.get("condition_frame_indexes_vision")
     if isinstance(indexes, (int, str)) and not isinstance(indexes, bool):

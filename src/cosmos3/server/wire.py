@@ -81,6 +81,17 @@ def random_seed() -> int:
     return secrets.randbits(31)
 
 
+def load_json(data: str | bytes, param: str, what: str) -> Any:
+    """JSON text from a client -> its value; 400 naming `param` if it is not JSON (`what`: what it should be).
+    Nesting deeper than Python's recursion limit is refused too: `json.loads` raises RecursionError there."""
+    try:
+        return json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise APIError(400, f"{param} is not {what}: {exc}", param) from exc
+    except RecursionError as exc:
+        raise APIError(400, f"{param} is not {what}: nested too deeply", param) from exc
+
+
 def parse_extra(extra_params: str | dict | None, extra_args: str | dict | None) -> dict[str, Any]:
     """Merge `extra_params` and `extra_args` (JSON objects, or JSON text of one); a key in both is an error."""
     merged: dict[str, Any] = {}
@@ -88,10 +99,7 @@ def parse_extra(extra_params: str | dict | None, extra_args: str | dict | None) 
         if raw is None or raw == "":
             continue
         if isinstance(raw, str):
-            try:
-                raw = json.loads(raw)
-            except json.JSONDecodeError as exc:
-                raise APIError(400, f"{name} is not valid JSON: {exc}", name) from exc
+            raw = load_json(raw, name, "valid JSON")
         if not isinstance(raw, dict):
             raise APIError(400, f"{name} must be a JSON object", name)
         check_unicode(raw, name)

@@ -61,7 +61,7 @@ def _extra(text: str | None) -> dict[str, Any]:
         return {}
     try:
         extra = json.loads(text)
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, RecursionError) as exc:  # RecursionError: nested too deeply
         raise gr.Error(f"More fields is not JSON: {exc}") from exc
     if not isinstance(extra, dict):
         raise gr.Error('More fields must be a JSON object, like {"shift": 5}')

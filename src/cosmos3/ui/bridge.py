@@ -61,7 +61,7 @@ def submit_generation(
             else:  # an action JSON or statistics file
                 try:
                     json.loads(data)
-                except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+                except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:  # Recursion: too deep
                     raise UIError(f"{name}: {Path(path).name} is not a JSON file") from exc
                 fields[name] = str(store_file(data, folder, name, ".json"))
         if "image" in fields and "video" in fields:
