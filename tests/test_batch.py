@@ -60,10 +60,12 @@ def test_batch_writes_each_valid_entry_once_and_resumes(local_ray, tmp_path):
 
 def test_a_killed_actor_has_its_entry_run_elsewhere(local_ray, tmp_path):
     out = tmp_path / "out"
-    # Slower entries, so that the kill lands while both actors are busy.
+    # Slower entries, and more than the two actors finish before the kill: it lands while both are busy (with 6,
+    # a loaded machine once finished them all before the kill landed).
+    count = 10
     specs = [
         {"model_mode": "text2video", "prompt": f"p{i}", "num_frames": 9, "seed": i, **SMALL, "num_steps": 16}
-        for i in range(6)
+        for i in range(count)
     ]
     done: list = []
     thread = threading.Thread(
@@ -87,9 +89,9 @@ def test_a_killed_actor_has_its_entry_run_elsewhere(local_ray, tmp_path):
     ray.kill(ray.get_actor("cosmos3-engine-0"))
     thread.join(timeout=300)
     summary = done[0]
-    assert (summary.done, summary.failed) == (6, 0) and summary.retried >= 1
+    assert (summary.done, summary.failed) == (count, 0) and summary.retried >= 1
     rows = [json.loads(line) for line in (out / MANIFEST).read_text().splitlines()]
-    assert sorted(r["name"] for r in rows) == [f"e{i}" for i in range(6)]
+    assert sorted(r["name"] for r in rows) == sorted(f"e{i}" for i in range(count))
 
 
 def test_batch_command_reads_a_spec_and_reports(local_ray, tmp_path, capsys):

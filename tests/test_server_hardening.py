@@ -505,3 +505,16 @@ def test_an_unexpected_error_is_a_500_and_the_connection_stays_usable(live, monk
         r = http.post("/v1/videos/sync", data={"prompt": "x", "size": "320x192"})
         assert r.status_code == 500 and r.json()["error"]["message"] == "internal error: ZeroDivisionError"
         assert http.get("/health").status_code == 200  # the same connection
+
+
+def test_a_body_that_is_not_json_is_a_400_saying_where(client):
+    r = client.post("/predict", content=b'{"model_mode":', headers={"Content-Type": "application/json"})
+    error = error_of(r)
+    assert error["param"] is None  # not the character offset
+    assert error["message"].startswith("the request body is not valid JSON") and "at character 14" in error["message"]
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "99"])
+def test_a_sound_duration_off_the_video_s_length_is_a_400(client, value):
+    r = client.post("/v1/videos/sync", data={"prompt": "x", **SMALL, "sound_duration": value})
+    assert error_of(r)["param"] == "sound_duration"

@@ -114,6 +114,10 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError):
         first = exc.errors()[0] if exc.errors() else {}
+        if first.get("type") == "json_invalid":  # its loc is ("body", <character offset>), not a field
+            where = first.get("loc", ("body", "?"))[-1]
+            reason = first.get("ctx", {}).get("error", "not JSON")
+            return error_response(400, f"the request body is not valid JSON: {reason} at character {where}")
         loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "query", "path", "form")]
         param = ".".join(loc) or None
         value = first.get("input")

@@ -258,7 +258,8 @@ def queue_video(server: ServerState, form: VideoForm) -> Job:
         req = resolve(server, fields, "vllm_omni", wire)
         if sound_duration is not None and not req.is_action:
             video_s = req.num_frames / req.fps
-            if not isinstance(sound_duration, (int, float)) or abs(float(sound_duration) - video_s) > 1.0 / req.fps:
+            # written so that NaN fails it (every comparison with NaN is False)
+            if not (isinstance(sound_duration, (int, float)) and abs(float(sound_duration) - video_s) <= 1.0 / req.fps):
                 raise APIError(
                     400,
                     f"sound_duration={sound_duration!r} must equal the video's {video_s:.3f} s "
