@@ -284,9 +284,8 @@ class Conversations:
         rest, stop event). Items are ("delta", Delta), ("end", None) or ("error", exception). An input error is
         the first item, before any byte of the reply is sent, so that it can still be a 400. If `gone` (a
         client's disconnect) completes while the conversation waits for the engine, it ends (the first item is
-        then None). Setting the stop event takes the rows out of the batch. The HTTP route and the playground both
-        stream through here. A prompt of more than
-        `max_prompt_tokens` tokens is an input error naming `field`."""
+        then None). Setting the stop event takes the rows out of the batch. A prompt of more than `max_prompt_tokens`
+        tokens is an input error naming `field`. The HTTP routes and the playground all stream through here."""
         loop = asyncio.get_running_loop()
         stream = Stream(loop, self.streams)
 
