@@ -48,8 +48,9 @@ def reasoner():
 @pytest.mark.parametrize(
     ("fps", "num_frames", "field", "match"),
     [
-        (None, 100_000, "media_io_kwargs.video.num_frames", "from 1 to 768"),
-        (None, 0, "media_io_kwargs.video.num_frames", "from 1 to 768"),
+        (None, 100_000, "media_io_kwargs.video.num_frames", "from 2 .* to 768"),
+        (None, 0, "media_io_kwargs.video.num_frames", "from 2 .* to 768"),
+        (None, 1, "media_io_kwargs.video.num_frames", "from 2 .* to 768"),  # the processor's temporal patch
         (None, "8", "media_io_kwargs.video.num_frames", "an integer"),
         (None, 2.5, "media_io_kwargs.video.num_frames", "an integer"),
         (None, True, "media_io_kwargs.video.num_frames", "an integer"),
@@ -117,6 +118,20 @@ def test_undecodable_media_is_named():
     refused(lambda: reader(b"not a video").video(PART, "video_url", "where"), "where", "cannot be decoded")
     image_part = {"type": "image_url", "image_url": {"url": "x"}}
     refused(lambda: reader(b"not an image").image(image_part, "image_url", "where"), "where", "cannot be decoded")
+    with pytest.raises(cosmos3.RequestError) as err:
+        reader(b"not an image").image(image_part, "image_url", "where")
+    assert "cannot identify image file" in str(err.value) and " object at 0x" not in str(err.value)
+
+
+def test_a_one_frame_video_is_refused_by_its_part_not_by_the_processor(reasoner, monkeypatch):
+    """The Qwen3-VL processor refuses a video of one frame ("t:1 must be larger than temporal_factor:2"), which
+    named no part of the request."""
+    refused(lambda: reader(encoded_video(frames=1)).video(PART, "video_url", "where"), "where", "at least 2 frames")
+    conversation = [{"role": "user", "content": [{"type": "text", "text": "a"}, {**PART, "video_url": {"url": "x"}}]}]
+    monkeypatch.setattr(reasoner, "_fetch", lambda url, field: encoded_video(frames=1))
+    refused(lambda: reasoner.tokenize(conversation), "messages[0].content[1]", "at least 2 frames")
+    monkeypatch.setattr(reasoner, "_fetch", lambda url, field: encoded_video(frames=2))
+    assert reasoner.tokenize(conversation).ids.numel() > 0
 
 
 def test_image_size_is_checked_from_the_header(monkeypatch):
@@ -134,7 +149,8 @@ def test_image_size_is_checked_from_the_header(monkeypatch):
         (np.zeros((4, 8, 8, 3), np.float32), None, "where", "uint8"),
         ([np.zeros((8, 8, 3), np.uint8), np.zeros((4, 8, 3), np.uint8)], None, "where", "cannot be stacked"),
         (np.zeros((8, 8, 3), np.uint8), None, "where", r"\[T, H, W, 3\]"),
-        ([], None, "where", "1 <= T"),
+        ([], None, "where", "2 <= T"),
+        (np.zeros((1, 8, 8, 3), np.uint8), None, "where", "2 <= T"),
         (np.zeros((4, 8, 8, 3), np.uint8), "6", "where.fps", "a number above 0"),
         (np.zeros((4, 8, 8, 3), np.uint8), -6, "where.fps", "a number above 0"),
         (12345, None, "where", "a URL or data URI string"),
@@ -152,3 +168,8 @@ def test_several_media_share_one_budget(monkeypatch):
     media.image(part, "image_url", "first")
     media.image(part, "image_url", "second")
     refused(lambda: media.image(part, "image_url", "third"), "third", "over all images and video frames")
+
+
+def test_an_unknown_reason_keyword_is_named_alone():
+    engine = cosmos3.load("tiny", surfaces=["reasoner"])
+    refused(lambda: engine.reason("hi", max_tokens=1, video_fps=2, bogus=1), "bogus", "a keyword of max_tokens, ")

@@ -518,3 +518,42 @@ def test_a_body_that_is_not_json_is_a_400_saying_where(client):
 def test_a_sound_duration_off_the_video_s_length_is_a_400(client, value):
     r = client.post("/v1/videos/sync", data={"prompt": "x", **SMALL, "sound_duration": value})
     assert error_of(r)["param"] == "sound_duration"
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "param"),
+    [
+        ("/v1/videos/sync", {"data": {"prompt": "x", **SMALL, "width": "96"}}, "size"),
+        ("/v1/videos/sync", {"data": {"prompt": "x", **SMALL, "extra_params": '{"height": 64}'}}, "size"),
+        ("/v1/images/generations", {"json": {"prompt": "x", "size": "64x48", "extra_params": {"width": 96}}}, "size"),
+        (
+            "/v1/images/generations",
+            {"json": {"prompt": "x", "num_inference_steps": 1, "extra_args": {"num_steps": 2}}},
+            "num_inference_steps",
+        ),
+    ],
+)
+def test_one_field_sent_twice_with_two_values_is_a_400_not_a_silent_choice(client, path, body, param):
+    error = error_of(client.post(path, **body))
+    assert error["param"] == param and "disagrees with" in error["message"]
+
+
+def test_one_field_sent_twice_with_one_value_is_accepted(client):
+    r = client.post("/v1/videos/sync", data={"prompt": "x", **SMALL, "width": "64", "extra_params": '{"height": 48}'})
+    assert r.status_code == 200, r.text
+
+
+def test_an_empty_prompt_is_a_prompt_on_every_route_and_a_missing_one_is_named(client):
+    assert client.post("/v1/videos/sync", data={"prompt": "", **SMALL}).status_code == 200
+    r = client.post("/v1/images/generations", json={"prompt": "", "size": "64x48", "num_inference_steps": 1})
+    assert r.status_code == 200
+    error = error_of(client.post("/v1/videos/sync", data=SMALL))
+    assert error["param"] == "prompt" and "required" in error["message"]
+
+
+def test_n_images_from_the_largest_seed_wrap_as_chat_choices_do(client):
+    body = {"prompt": "a", "size": "64x48", "num_inference_steps": 1, "n": 2, "seed": 2**63 - 1}
+    data = client.post("/v1/images/generations", json=body).json()
+    assert [d["seed"] for d in data["data"]] == [2**63 - 1, 0]
+    error = error_of(client.post("/v1/images/generations", json={**body, "seed": 2**63}))
+    assert error["param"] == "seed" and str(2**63) in error["message"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import threading
@@ -372,11 +373,13 @@ class Engine:
 
     @staticmethod
     def _split(kwargs: dict) -> tuple[Sampling, dict]:
-        encode = {k: kwargs.pop(k) for k in ("reasoning", "video_fps", "video_num_frames") if k in kwargs}
-        try:
-            return Sampling(**kwargs), encode
-        except TypeError as exc:
-            raise RequestError("reason", sorted(kwargs), f"the Sampling fields ({exc})") from exc
+        encode_keys = ("reasoning", "video_fps", "video_num_frames")
+        encode = {k: kwargs.pop(k) for k in encode_keys if k in kwargs}
+        known = [f.name for f in dataclasses.fields(Sampling)]
+        unknown = sorted(set(kwargs) - set(known))
+        if unknown:
+            raise RequestError(unknown[0], kwargs[unknown[0]], f"a keyword of {', '.join(known + list(encode_keys))}")
+        return Sampling(**kwargs), encode
 
     def reason(self, messages: list[dict] | str, **kwargs: Any) -> str:
         """Reply to one conversation (OpenAI / Qwen3-VL messages, or a plain prompt string).

@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import math
 import numbers
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -39,6 +40,9 @@ MAX_REQUEST_PIXELS = 2**29
 # own fps sampling never exceeds (an explicit num_frames is not capped by it).
 MAX_SAMPLED_FRAMES = 768
 MAX_SAMPLING_FPS = 60.0  # requested sampling rate (frames per second of video)
+# Qwen3-VL's temporal_patch_size: its processor refuses a video that has, or is sampled to, fewer frames ("t:1 must
+# be larger than temporal_factor:2"); a single frame goes as an image.
+MIN_VIDEO_FRAMES = 2
 
 Fetch = Callable[[str, str], bytes]  # (url, field) -> bytes; local-path rules are the caller's
 
@@ -49,11 +53,12 @@ def video_sampling(fps: Any, num_frames: Any) -> dict[str, Any]:
         raise RequestError("media_io_kwargs.video", {"fps": fps, "num_frames": num_frames}, "either fps or num_frames")
     if num_frames is not None:
         integer = isinstance(num_frames, numbers.Integral) and not isinstance(num_frames, bool)
-        if not integer or not 1 <= num_frames <= MAX_SAMPLED_FRAMES:
+        if not integer or not MIN_VIDEO_FRAMES <= num_frames <= MAX_SAMPLED_FRAMES:
             raise RequestError(
                 "media_io_kwargs.video.num_frames",
                 num_frames,
-                f"an integer from 1 to {MAX_SAMPLED_FRAMES} (the Qwen3-VL processor's max_frames)",
+                f"an integer from {MIN_VIDEO_FRAMES} (a temporal patch) to {MAX_SAMPLED_FRAMES} (the Qwen3-VL "
+                "processor's max_frames)",
             )
         return {"num_frames": int(num_frames), "fps": None}  # fps=None: the processor's default fps would conflict
     if fps is not None:
@@ -196,20 +201,22 @@ class MediaReader:
         try:
             image = Image.open(io.BytesIO(data))  # reads the header: the size is known before decoding
         except Exception as exc:
-            raise RequestError(where, "<image bytes>", "a JPEG/PNG/WebP image", f"cannot be decoded ({exc})") from exc
+            raise RequestError(where, "<image bytes>", "a JPEG/PNG/WebP image", cannot_decode(exc)) from exc
         check_image_size(image, where)
         self.take(image.width * image.height, where, f"{image.width}x{image.height}")
         try:
             image.load()
         except Exception as exc:
-            raise RequestError(where, "<image bytes>", "a JPEG/PNG/WebP image", f"cannot be decoded ({exc})") from exc
+            raise RequestError(where, "<image bytes>", "a JPEG/PNG/WebP image", cannot_decode(exc)) from exc
         return as_rgb(image)
 
     def frames(self, value: Any, fps: Any, where: str) -> tuple[np.ndarray, float | None]:
         """Pre-decoded frames (Python callers): `[T, H, W, 3]` uint8, with an optional `fps` beside the URL."""
-        allowed = f"[T, H, W, 3] uint8 frames, 1 <= T <= {MAX_VIDEO_FRAMES}, H * W <= {MAX_FRAME_PIXELS:,}"
+        allowed = (
+            f"[T, H, W, 3] uint8 frames, {MIN_VIDEO_FRAMES} <= T <= {MAX_VIDEO_FRAMES}, H * W <= {MAX_FRAME_PIXELS:,}"
+        )
         count = len(value) if not isinstance(value, np.ndarray) or value.ndim == 4 else 0
-        if not 1 <= count <= MAX_VIDEO_FRAMES:
+        if not MIN_VIDEO_FRAMES <= count <= MAX_VIDEO_FRAMES:
             raise RequestError(where, f"{count} frames" if count else "<frames>", allowed)
         try:
             frames = np.stack([np.asarray(f) for f in value])
@@ -242,10 +249,25 @@ class MediaReader:
         except RequestError:
             raise
         except Exception as exc:
-            raise RequestError(where, "<video bytes>", "an MP4/WebM/MOV video", f"cannot be decoded ({exc})") from exc
-        if not frames:
-            raise RequestError(where, "<video>", "a video with at least one frame", "has no frames")
-        return np.stack(frames), fps
+            raise RequestError(where, "<video bytes>", "an MP4/WebM/MOV video", cannot_decode(exc)) from exc
+        return np.stack(check_frame_count(frames, where)), fps
+
+
+def cannot_decode(exc: Exception) -> str:
+    """Why a medium was refused: the decoder's message without the object reprs some put in it (PIL: "cannot
+    identify image file <_io.BytesIO object at 0x7f...>"), which tell a client nothing."""
+    reason = re.sub(r"\s*<[\w.]+ object at 0x[0-9a-fA-F]+>", "", str(exc)) or type(exc).__name__
+    return f"cannot be decoded ({reason})"
+
+
+def check_frame_count(frames: list, where: str) -> list:
+    if len(frames) < MIN_VIDEO_FRAMES:
+        raise RequestError(
+            where,
+            f"a video of {len(frames)} frame{'s' if len(frames) != 1 else ''}",
+            f"a video of at least {MIN_VIDEO_FRAMES} frames (Qwen3-VL's temporal patch); send one frame as an image",
+        )
+    return frames
 
 
 def media_value(part: dict, kind: str, where: str) -> Any:

@@ -27,7 +27,6 @@ from cosmos3.server.wire import (
     check_sequence_length,
     merge_fields,
     parse_extra,
-    parse_size,
 )
 
 router = APIRouter()
@@ -37,7 +36,7 @@ class ImageRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     prompt: Text
     model: str | None = None
-    n: int = Field(1, ge=1, le=10, description="images, each with seed + i")
+    n: int = Field(1, ge=1, le=10, description="images, each with seed + i (mod 2**63)")
     size: str | None = Field(None, pattern=SIZE_PATTERN)
     response_format: Literal["b64_json", "file"] = "b64_json"
     output_format: Literal["png", "jpeg", "webp"] = "png"
@@ -99,7 +98,7 @@ def queue_images(server: ServerState, body: ImageRequest) -> list[Job]:
     check_guardrails_request(engine, extra)
     check_sequence_length(engine, body.prompt, extra.pop("max_sequence_length", None))
     # The dialect's seed when none is sent (one rule per dialect: the table in generation/dialects.py); image i of
-    # `n` uses seed + i.
+    # `n` uses seed + i, wrapped below 2**63 (the seed's range) as chat's choices are, so that every seed takes any n.
     seed = body.seed if body.seed is not None else defaults_for("vllm_omni", "text2image")["seed"]
     top = {
         "prompt": body.prompt,
@@ -107,7 +106,7 @@ def queue_images(server: ServerState, body: ImageRequest) -> list[Job]:
         "num_inference_steps": body.num_inference_steps,
         "guidance_scale": body.guidance_scale,
         "flow_shift": body.flow_shift,
-        **parse_size(body.size),
+        "size": body.size,
     }
     fields, wire = merge_fields(top, extra, "vllm_omni")
     if fields.get("mode", "text2image") != "text2image":
@@ -115,7 +114,8 @@ def queue_images(server: ServerState, body: ImageRequest) -> list[Job]:
         raise APIError(400, f"{param} does not apply to /v1/images/generations (text2image only)", param)
     fields["mode"] = "text2image"
     wire = {**VLLM_WIRE, **wire, "seed": "seed"}
-    requests = [resolve(server, {**fields, "seed": seed + i}, "vllm_omni", wire) for i in range(body.n)]
+    seeds = [(seed + i) % 2**63 if 0 <= seed < 2**63 else seed for i in range(body.n)]  # else: refused by name
+    requests = [resolve(server, {**fields, "seed": s}, "vllm_omni", wire) for s in seeds]
     info = {"prompt": body.prompt, "image_format": "png"}  # encoded as asked when the reply is built
     return server.worker.submit_many([("images", r.__dict__, info, new_id("img")) for r in requests])
 

@@ -32,7 +32,6 @@ from cosmos3.server.wire import (
     load_json,
     merge_fields,
     parse_extra,
-    parse_size,
 )
 
 router = APIRouter()
@@ -181,7 +180,7 @@ class VideoForm:
 
 async def video_form(
     request: Request,
-    prompt: Text = Form(...),
+    prompt: Text | None = Form(None),  # required; None here so that an empty prompt is not read as a missing one
     model: str | None = Form(None),
     negative_prompt: Text | None = Form(None),
     size: str | None = Form(None, pattern=SIZE_PATTERN),
@@ -204,11 +203,16 @@ async def video_form(
     max_sequence_length: int | None = Form(None),
 ) -> VideoForm:
     """The form fields of both create routes (a dependency, so that they are declared once)."""
-    unknown = sorted(set((await request.form()).keys()) - FORM_FIELDS)
+    sent = (await request.form()).keys()
+    unknown = sorted(set(sent) - FORM_FIELDS)
     if unknown:
         raise APIError(
             400, f"form field {unknown[0]!r} is not supported; allowed: {', '.join(sorted(FORM_FIELDS))}", unknown[0]
         )
+    if prompt is None:  # FastAPI reads an empty form value as absent; an empty prompt is a prompt, as on /images
+        if "prompt" not in sent:
+            raise APIError(400, "prompt is required (a text form field; it may be empty)", "prompt")
+        prompt = ""
     upload = None
     if input_reference is not None and input_reference.filename:
         upload = await read_upload(input_reference, "input_reference", state(request).settings)
@@ -240,7 +244,7 @@ def queue_video(server: ServerState, form: VideoForm) -> Job:
             "negative_prompt": form.negative_prompt,
             "width": form.width,
             "height": form.height,
-            **parse_size(form.size),
+            "size": form.size,
             "num_frames": form.num_frames,
             "fps": form.fps,
             "num_inference_steps": form.num_inference_steps,
@@ -328,8 +332,9 @@ def apply_mode(fields: dict, wire: dict, kind: str | None, form: VideoForm) -> N
     if mode is not None:
         fields["mode"] = mode
         if "width" in fields or "height" in fields:
+            param = wire.get("width") or wire.get("height")
             raise APIError(
-                400, "size is not used in action modes: the canvas comes from extra_params.image_size", "size"
+                400, f"{param} is not used in action modes: the canvas comes from extra_params.image_size", param
             )
         chunk, frames = fields.get("action_chunk_size", 16), fields.get("num_frames")
         if frames is not None and isinstance(chunk, int):

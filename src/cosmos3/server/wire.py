@@ -111,9 +111,10 @@ def parse_extra(extra_params: str | dict | None, extra_args: str | dict | None) 
 
 
 def merge_fields(top: dict[str, Any], extra: dict[str, Any], dialect_name: str) -> tuple[dict, dict[str, str]]:
-    """A route's own fields (wire names, None left out) and `extra_params` keys -> (request fields under their
-    canonical names, canonical name -> the name the client used). A route's own field wins over the same field in
-    extra_params; two extra_params keys for one field are an error."""
+    """A route's own fields (wire names, None left out; `size` stands for width and height) and `extra_params` keys
+    -> (request fields under their canonical names, canonical name -> the name the client used). One field sent
+    twice (two names, or a route field and an extra_params key) must carry one value: a disagreement is an error,
+    never a silent choice."""
     aliases = dialect(dialect_name).aliases
     fields: dict[str, Any] = {}
     names: dict[str, str] = {}
@@ -131,9 +132,14 @@ def merge_fields(top: dict[str, Any], extra: dict[str, Any], dialect_name: str) 
         fields[canonical] = value
         names[canonical] = f"extra_params.{key}"
     for key, value in top.items():
-        if value is not None:
-            canonical = aliases.get(key, key)
-            fields[canonical] = value
+        if value is None:
+            continue
+        for canonical, item in parse_size(value).items() if key == "size" else [(aliases.get(key, key), value)]:
+            if canonical in fields and fields[canonical] != item:
+                raise APIError(
+                    400, f"{key}={value!r} disagrees with {names[canonical]}={fields[canonical]!r}; send one", key
+                )
+            fields[canonical] = item
             names[canonical] = key
     return fields, names
 
