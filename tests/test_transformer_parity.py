@@ -159,3 +159,32 @@ def test_fast_path_matches_reference_per_branch(models, rows_per_chunk):
             expected = reference_forward(ref, p, vision, 611, sound, action)
             for e, g in zip(expected, branch, strict=True):
                 torch.testing.assert_close(g, e, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("nemotron", [False, True], ids=["qwen", "nemotron"])
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+def test_rms_norm_rounds_as_the_reference_modules_in_bf16(nemotron, device):
+    """The norm runs torch's fused rms_norm (one kernel on a GPU); each flavour keeps its reference's roundings:
+    Qwen rounds before the weight, Nemotron once at the end. Only the fp32 sum of squares may add in another order,
+    which moves an output by at most one bf16 step and rarely."""
+    from diffusers.models.normalization import RMSNorm as DiffusersRMSNorm
+    from diffusers.models.transformers.transformer_cosmos3 import Cosmos3NemotronRMSNorm
+
+    from cosmos3.model.layers import RMSNorm
+
+    torch.manual_seed(0)
+    for dim, shape in ((4096, (64, 4096)), (128, (64, 32, 128))):
+        ref = Cosmos3NemotronRMSNorm(dim, eps=1e-6) if nemotron else DiffusersRMSNorm(dim, eps=1e-6)
+        ours = RMSNorm(dim, 1e-6, nemotron)
+        with torch.no_grad():
+            ref.weight.uniform_(0.5, 1.5)
+            ours.weight.copy_(ref.weight)
+        ref, ours = ref.to(device, torch.bfloat16), ours.to(device, torch.bfloat16)
+        x = (torch.randn(shape) * 3).to(device, torch.bfloat16)
+        with torch.inference_mode():
+            expected, got = ref(x), ours(x)
+        assert got.dtype == expected.dtype == torch.bfloat16
+        off = (got.float() - expected.float()).abs() > 0
+        assert off.float().mean() < 1e-3, off.float().mean()
+        step = expected.float().abs().clamp_min(1e-3) * 2**-7  # one bf16 rounding step
+        assert ((got.float() - expected.float()).abs() <= step).all()

@@ -156,22 +156,26 @@ def test_dup_up_add_is_x_plus_diffusers_dup_up(first_chunk, c_in, c_out, factor_
 
 
 def test_fused_kernels_round_as_the_eager_modules():
-    """The compiled norm + SiLU (what a GPU decode runs) against diffusers' modules, in bf16."""
+    """The compiled norm + SiLU (what a GPU decode runs, on the GPU where there is one) against diffusers' modules,
+    in bf16: one bf16 rounding step apart at most (fp32 norms summed in another order). On a CPU, Inductor's C++
+    kernel stands in; on one with AVX512-BF16 / AMX (an H200 host's Xeon) it keeps a product unrounded that eager
+    rounds, and lands up to two steps apart (measured 1.37), so the CPU is held to two."""
     from diffusers.models.autoencoders.autoencoder_kl_wan import WanRMS_norm
 
     from cosmos3.generation.wan_decode import compiled, rms_silu
 
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     norm = WanRMS_norm(16, images=False)
     with torch.no_grad():
         norm.gamma.uniform_(0.5, 1.5)
-    x = channels_last(torch.randn(1, 16, 3, 4, 6)).bfloat16()
+    x = channels_last(torch.randn(1, 16, 3, 4, 6)).to(device, torch.bfloat16)
     with torch.inference_mode():
-        norm = norm.bfloat16()
+        norm = norm.to(device, torch.bfloat16)
         expected = torch.nn.functional.silu(norm(x))
         assert torch.equal(rms_silu(x, norm.gamma.view(-1)), expected)
         fused = compiled(rms_silu)(x, norm.gamma.view(-1))
         ulp = (fused.float() - expected.float()).abs() / expected.float().abs().clamp_min(1e-3)
-        assert ulp.max() <= 2**-7  # one bf16 rounding step at most (fp32 norms summed in another order)
+        assert ulp.max() <= (2**-7 if device == "cuda" else 2**-6), ulp.max()
 
 
 @pytest.mark.parametrize("wan22", [True, False], ids=["wan2.2", "wan2.1"])
