@@ -118,6 +118,35 @@ def test_bridge_queues_jobs_on_the_server_worker(engine, tmp_path):
             bridge.submit_generation(server, {"mode": "text2video", "num_frames": 4}, {}, {})
 
 
+def test_more_fields_cannot_read_server_files(engine, tmp_path):
+    """The "More fields" box named any local file as a request's image or action file (the server read it, and its
+    errors told whether it existed); it follows the routes' rules now: media come as uploads, action files typed as
+    strings are fetched only from URLs, data URIs or the operator's allowed folder (none here)."""
+    from fastapi.testclient import TestClient
+    from PIL import Image
+
+    from cosmos3.ui import bridge
+
+    secret = tmp_path / "secret.png"
+    Image.new("RGB", (64, 48)).save(secret)
+    (tmp_path / "stats.json").write_text('{"k": "SECRET"}')
+    app = playground(engine, tmp_path)
+    with TestClient(app):
+        server = app.state.server
+        fields = {"mode": "image2video", "prompt": "a", "num_steps": 1, "num_frames": 5, "resolution": "256"}
+        for extra in ({"image": str(secret)}, {"vision_path": str(secret)}, {"name": "../x"}):
+            with pytest.raises(bridge.UIError, match="cannot be set there"):
+                bridge.submit_generation(server, fields, {}, {}, extra)
+        policy = {"mode": "forward_dynamics", "prompt": "a", "num_steps": 1, "domain_name": "bridge_orig"}
+        for extra in ({"action_stats": str(tmp_path / "stats.json")}, {"action_path": str(tmp_path / "stats.json")}):
+            with pytest.raises(bridge.UIError, match="local") as err:
+                bridge.submit_generation(server, policy, {"image": str(secret)}, {}, extra)
+            assert "SECRET" not in str(err.value) and "'k'" not in str(err.value)
+        job = bridge.submit_generation(server, fields, {"image": str(secret)}, {}, {"shift": 5.0})  # uploads work
+        assert job.request["shift"] == 5.0
+        server.worker.cancel(job.id)
+
+
 @pytest.fixture()
 def page(tmp_path):
     from playwright.sync_api import sync_playwright

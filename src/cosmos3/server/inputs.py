@@ -18,6 +18,7 @@ from cosmos3.errors import RequestError
 from cosmos3.media import fetch_bytes, probe_media
 from cosmos3.server.errors import APIError
 from cosmos3.server.settings import Settings
+from cosmos3.server.wire import load_json
 
 
 async def read_upload(upload: UploadFile, field: str, settings: Settings) -> bytes:
@@ -86,3 +87,15 @@ def store_file(data: bytes, folder: Path, field: str, suffix: str) -> Path:
     path = folder / f"{field.replace('.', '_')}{suffix}"
     path.write_bytes(data)
     return path
+
+
+def store_action_files(fields: dict[str, Any], wire: dict[str, str], folder: Path, settings: Settings) -> None:
+    """`action` / `action_stats` given as a string (a URL, data URI or allow-listed path, fetched by the operator's
+    rules) -> a JSON file in the job's folder, in place. `wire`: request field -> the name the client used."""
+    for key in ("action", "action_stats"):
+        value = fields.get(key)
+        if isinstance(value, str):
+            param = wire.get(key, key)
+            data = fetch(value, param, settings)
+            load_json(data, param, "a JSON file")
+            fields[key] = str(store_file(data, folder, key, ".json"))

@@ -18,7 +18,7 @@ from pydantic import BaseModel
 
 from cosmos3.generation.dialects import ACTION_MODES, MODE_ALIASES
 from cosmos3.server.errors import ERRORS, APIError, ErrorBody
-from cosmos3.server.inputs import fetch, read_upload, store_file, store_media
+from cosmos3.server.inputs import fetch, read_upload, store_action_files, store_media
 from cosmos3.server.jobs import ACTIVE, FINAL, Job, new_id
 from cosmos3.server.state import ServerState, state
 from cosmos3.server.submit import open_output, read_output, resolve, wait_for_jobs, wire_name
@@ -255,7 +255,7 @@ def queue_video(server: ServerState, form: VideoForm) -> Job:
         }
         fields, wire = merge_fields(top, extra, "vllm_omni")
         wire = {**VLLM_WIRE, **wire}
-        action_files(server, fields, wire, folder)
+        store_action_files(fields, wire, folder, server.settings)
         apply_mode(fields, wire, kind, form)
         if kind is not None:
             fields[kind] = str(path)
@@ -308,17 +308,6 @@ def references(server: ServerState, form: VideoForm, folder) -> tuple[str | None
             400, "send one reference: input_reference, image_reference or video_reference", "input_reference"
         )
     return (refs[0][1], refs[0][0]) if refs else (None, None)
-
-
-def action_files(server: ServerState, fields: dict, wire: dict, folder) -> None:
-    """`action_path` / `action_stats` given as a URL, data URI or allow-listed path -> a JSON file of the job."""
-    for key in ("action", "action_stats"):
-        value = fields.get(key)
-        if isinstance(value, str):
-            param = wire.get(key, key)
-            data = fetch(value, param, server.settings)
-            load_json(data, param, "a JSON file")
-            fields[key] = str(store_file(data, folder, key, ".json"))
 
 
 def apply_mode(fields: dict, wire: dict, kind: str | None, form: VideoForm) -> None:

@@ -216,10 +216,9 @@ def _generate_tab(server: ServerState) -> None:
         }
         if fields["width"] is None and fields["height"] is None:
             fields["resolution"], fields["aspect_ratio"] = _choice(res), _choice(asp)
-        fields.update(_extra(ext))
         media = {"image": img if m == "image2video" else None, "video": vid if m == "video2video" else None}
         try:
-            job = bridge.submit_generation(server, fields, media, {"prompt": p, "source": "ui"})
+            job = bridge.submit_generation(server, fields, media, {"prompt": p, "source": "ui"}, _extra(ext))
         except bridge.UIError as exc:
             raise gr.Error(str(exc)) from exc
         yield job.id, _status(job, server), gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
@@ -318,10 +317,9 @@ def _actions_tab(server: ServerState) -> None:
             "guidance": _float(g),
             "seed": _seed(sd),
         }
-        fields.update(_extra(ext))
         media = {"image": img, "video": vid, "action": act if m == "forward_dynamics" else None}
         try:
-            job = bridge.submit_generation(server, fields, media, {"prompt": p, "source": "ui"})
+            job = bridge.submit_generation(server, fields, media, {"prompt": p, "source": "ui"}, _extra(ext))
         except bridge.UIError as exc:
             raise gr.Error(str(exc)) from exc
         yield (job.id, _status(job, server), *[gr.skip()] * 7)

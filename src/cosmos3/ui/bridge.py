@@ -19,13 +19,14 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from cosmos3.generation.dialects import dialect
 from cosmos3.server import chat
 from cosmos3.server.errors import APIError, QueueFull, ShuttingDown
-from cosmos3.server.inputs import store_file, store_media
+from cosmos3.server.inputs import store_action_files, store_file, store_media
 from cosmos3.server.jobs import FINAL, Job, new_id
 from cosmos3.server.state import ServerState
 from cosmos3.server.submit import resolve
-from cosmos3.server.wire import random_seed
+from cosmos3.server.wire import SERVER_FIELDS, random_seed
 
 DIALECT = "python"  # the playground's fields are the Python API's (README "Requests")
 JOB_KIND = "ui"  # the job store's dialect column for playground jobs
@@ -39,18 +40,41 @@ def message_of(exc: APIError) -> str:
     return f"{exc.param}: {exc.message}" if exc.param and exc.param not in exc.message else exc.message
 
 
+def more_fields(extra: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
+    """The "More fields" box: request fields under their Python names or aliases -> (fields, field -> the name
+    typed). What names a file on the server is refused, as in the routes' extra_params: media come as uploads, and
+    an action file typed as a string is fetched by the routes' rules (`submit_generation`), so the box cannot read
+    a path outside the operator's allowed media folder."""
+    aliases = dialect(DIALECT).aliases
+    fields: dict[str, Any] = {}
+    names: dict[str, str] = {}
+    for key, value in extra.items():
+        name = aliases.get(key, key)
+        if name in SERVER_FIELDS:
+            raise UIError(f"More fields: {key} cannot be set there; give media with the upload boxes")
+        fields[name] = value
+        names[name] = f"More fields: {key}"
+    return fields, names
+
+
 def submit_generation(
-    server: ServerState, fields: dict[str, Any], media: dict[str, str | None], info: dict[str, Any]
+    server: ServerState,
+    fields: dict[str, Any],
+    media: dict[str, str | None],
+    info: dict[str, Any],
+    extra: dict[str, Any] | None = None,
 ) -> Job:
     """Keep the uploads (`media`: request field -> local file: image, video, action, action_stats) in a new job's
-    folder, resolve the request and queue it. A missing seed gets a random one, so that it can be shown and
-    reused."""
-    fields = {k: v for k, v in fields.items() if v is not None}
+    folder, resolve the request with the "More fields" box's `extra` on top, and queue it. A missing seed gets a
+    random one, so that it can be shown and reused."""
+    typed, wire = more_fields(extra or {})
+    fields = {k: v for k, v in {**fields, **typed}.items() if v is not None}
     if fields.get("seed") is None:
         fields["seed"] = random_seed()
     job_id = new_id("ui")
     folder = server.worker.job_dir(job_id) / "inputs"
     try:
+        store_action_files(fields, wire, folder, server.settings)  # typed strings: URLs, data URIs, allowed paths
         for name, path in media.items():
             if not path:
                 continue
@@ -66,7 +90,7 @@ def submit_generation(
                 fields[name] = str(store_file(data, folder, name, ".json"))
         if "image" in fields and "video" in fields:
             raise UIError("give an image or a video, not both")
-        req = resolve(server, fields, DIALECT, {})
+        req = resolve(server, fields, DIALECT, wire)
         return server.worker.submit(JOB_KIND, req.__dict__, {**info, "mode": req.mode}, job_id)
     except APIError as exc:
         shutil.rmtree(server.worker.job_dir(job_id), ignore_errors=True)
