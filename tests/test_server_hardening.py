@@ -557,3 +557,47 @@ def test_n_images_from_the_largest_seed_wrap_as_chat_choices_do(client):
     assert [d["seed"] for d in data["data"]] == [2**63 - 1, 0]
     error = error_of(client.post("/v1/images/generations", json={**body, "seed": 2**63}))
     assert error["param"] == "seed" and str(2**63) in error["message"]
+
+
+def test_head_health_and_405s_that_list_the_allowed_methods(client):
+    assert client.head("/health").status_code == 200  # some health checkers send HEAD
+    r = client.post("/health")
+    assert r.status_code == 405 and r.headers["allow"] == "GET, HEAD"
+    r = client.put("/v1/videos")
+    assert r.status_code == 405 and r.headers["allow"] == "GET, POST"
+
+
+def test_two_authorization_headers_are_refused_whatever_their_order(engine, settings):
+    """Over a real connection (a test client joins repeated headers into one)."""
+    settings.api_key = "s3cret"
+    server = LiveServer(engine, settings)
+    try:
+        for keys in (["Bearer wrong", "Bearer s3cret"], ["Bearer s3cret", "Bearer wrong"]):
+            lines = "".join(f"Authorization: {k}\r\n" for k in keys)
+            with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
+                s.sendall(f"GET /v1/models HTTP/1.1\r\nHost: x\r\n{lines}Connection: close\r\n\r\n".encode())
+                reply = b""
+                while chunk := s.recv(65536):
+                    reply += chunk
+            assert reply.startswith(b"HTTP/1.1 400") and b"one Authorization header" in reply, reply[:300]
+        assert httpx.get(f"{server.url}/v1/models", headers={"Authorization": "Bearer s3cret"}).status_code == 200
+    finally:
+        server.stop()
+
+
+def test_a_page_after_an_unknown_job_is_a_404_not_the_end_of_the_list(client):
+    job = client.post("/v1/videos", data={"prompt": "a", **SMALL}).json()
+    assert client.get("/v1/videos", params={"after": job["id"]}).status_code == 200
+    error = error_of(client.get("/v1/videos", params={"after": "video_gone"}), 404)
+    assert error["param"] == "after" and "video_gone" in error["message"]
+
+
+def test_predict_takes_the_tier_under_either_name_and_refuses_two_values(client):
+    body = {"model_mode": "text2image", "prompt": "a", "num_steps": 1, "aspect_ratio": "1,1"}
+    r = client.post("/predict", json={**body, "image_size": 256})
+    assert r.status_code == 200, r.text  # was silently the default 480 tier (over this test's pixel limit: a 400)
+    error = error_of(client.post("/predict", json={**body, "image_size": 256, "resolution": "480"}))
+    assert error["param"] == "image_size" and "disagrees" in error["message"]
+    policy = {"model_mode": "policy", "prompt": "a", "num_steps": 1, "domain_name": "bridge_orig_lerobot"}
+    r = client.post("/predict", json={**policy, "resolution": "256", "vision_path": data_uri(png_bytes(64, 48))})
+    assert r.status_code == 200, r.text

@@ -29,7 +29,7 @@ class ModelList(BaseModel):
     data: list[ModelCard]
 
 
-@router.get("/health", response_model=Health)
+@router.api_route("/health", methods=["GET", "HEAD"], response_model=Health)  # HEAD: some health checkers
 async def health() -> Health:
     return Health()
 

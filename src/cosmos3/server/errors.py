@@ -9,10 +9,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from cosmos3.errors import RequestError
 
 logger = logging.getLogger(__name__)
+
+HTTP_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")  # what a 405's Allow may list
 
 TYPES = {
     400: "BadRequestError",
@@ -128,13 +131,13 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _http(request: Request, exc: StarletteHTTPException):
         headers = getattr(exc, "headers", None)
         if exc.status_code == 405:  # list every method of the path, not just the first route's
-            methods = {
+            routes = request.app.router.routes  # included routers match as their routes do
+            methods = [
                 m
-                for r in request.app.routes
-                if getattr(r, "path_regex", None) is not None and r.path_regex.match(request.url.path)
-                for m in (getattr(r, "methods", None) or ())
-            }
-            headers = {"Allow": ", ".join(sorted(methods))}
+                for m in HTTP_METHODS
+                if any(r.matches({**request.scope, "method": m})[0] == Match.FULL for r in routes)
+            ]
+            headers = {"Allow": ", ".join(methods)}
         return error_response(exc.status_code, str(exc.detail), headers=headers)
 
     @app.exception_handler(Exception)

@@ -156,10 +156,15 @@ def queue_predict(server: ServerState, body: PredictRequest) -> Job:
         if getattr(body, name) is not None:
             fields[name] = getattr(body, name)
     wire = {"width": "resolution", "height": "resolution", "size": "resolution"}
-    tier = body.image_size if action else body.resolution
-    if tier is not None:
-        fields["resolution"] = str(tier)
-        wire["resolution"] = "image_size" if action else "resolution"
+    # The canvas tier: `image_size` in the action examples, `resolution` in the others; either name in any mode (the
+    # Framework's alias table), never one of two disagreeing values silently.
+    tiers = {k: str(v) for k, v in (("resolution", body.resolution), ("image_size", body.image_size)) if v is not None}
+    if len(set(tiers.values())) > 1:
+        raise APIError(
+            400, f"image_size={body.image_size!r} disagrees with resolution={body.resolution!r}; send one", "image_size"
+        )
+    for name, tier in tiers.items():
+        fields["resolution"], wire["resolution"] = tier, name
     job_id = new_id("predict")
     folder = server.worker.job_dir(job_id) / "inputs"
     try:

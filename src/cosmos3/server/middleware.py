@@ -26,6 +26,10 @@ class Guard:
             return
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
         settings = self.settings
+        keys = sum(k.lower() == b"authorization" for k, _ in scope.get("headers", []))
+        if settings.api_key and scope["path"] != "/health" and keys > 1:  # which one counts would depend on order
+            await error_response(400, f"send one Authorization header, not {keys}")(scope, receive, send)
+            return
         if settings.api_key and scope["path"] != "/health" and not _authorised(headers, settings.api_key):
             response = error_response(401, "Unauthorized: send 'Authorization: Bearer <key>' or 'Api-Key <key>'")
             await response(scope, receive, send)

@@ -394,7 +394,9 @@ def list_videos(
         jobs.reverse()
     if after:
         ids = [j.id for j in jobs]
-        jobs = jobs[ids.index(after) + 1 :] if after in ids else []
+        if after not in ids:  # an empty page would read as the end of the list
+            raise APIError(404, f"after={after!r} is not a video job of this server (deleted, or never made)", "after")
+        jobs = jobs[ids.index(after) + 1 :]
     page = jobs[:limit]
     return VideoList(
         data=[job_object(j, server) for j in page],
