@@ -565,6 +565,8 @@ def test_head_health_and_405s_that_list_the_allowed_methods(client):
     assert r.status_code == 405 and r.headers["allow"] == "GET, HEAD"
     r = client.put("/v1/videos")
     assert r.status_code == 405 and r.headers["allow"] == "GET, POST"
+    r = client.put("/v1/videos/sync")  # the literal path, not /v1/videos/{video_id}
+    assert r.status_code == 405 and r.headers["allow"] == "POST"
 
 
 def test_two_authorization_headers_are_refused_whatever_their_order(engine, settings):

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import logging
+import re
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.routing import Match
 
 from cosmos3.errors import RequestError
 
@@ -130,19 +130,29 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):
         headers = getattr(exc, "headers", None)
-        if exc.status_code == 405:  # list every method of the path, not just the first route's
-            routes = request.app.router.routes  # included routers match as their routes do
-            methods = [
-                m
-                for m in HTTP_METHODS
-                if any(r.matches({**request.scope, "method": m})[0] == Match.FULL for r in routes)
-            ]
-            headers = {"Allow": ", ".join(methods)}
+        if exc.status_code == 405:
+            methods = allowed_methods(request.app, request.url.path)
+            headers = {"Allow": ", ".join(methods)} if methods else None
         return error_response(exc.status_code, str(exc.detail), headers=headers)
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception):
         return internal_error(exc)
+
+
+def allowed_methods(app: FastAPI, path: str) -> list[str]:
+    """A 405's Allow: the methods of the documented path template that `path` is, a literal one before one with
+    parameters (POST /v1/videos/sync is not GET /v1/videos/{video_id}). Read from the OpenAPI schema, which FastAPI
+    builds once: its routers nest routes in ways the routing API does not show."""
+    matches = [
+        (template, operations)
+        for template, operations in app.openapi()["paths"].items()
+        if re.fullmatch(re.sub(r"\\\{[^/]+?\\\}", "[^/]+", re.escape(template)), path)
+    ]
+    if not matches:
+        return []
+    _, operations = min(matches, key=lambda match: match[0].count("{"))
+    return [m for m in HTTP_METHODS if m.lower() in operations]
 
 
 def internal_error(exc: Exception) -> JSONResponse:
