@@ -29,6 +29,14 @@ DEFAULTS = {
 }
 MAX_N = 16  # choices per request (each is a row of the batch)
 MAX_TOP_LOGPROBS = 20  # OpenAI's bound
+# Stop strings are matched on every decode step of every row of the shared batch (on the thread that drives the
+# GPU), so one request's stops slow every other request's steps (a probe's 100,000 stops made a step of the whole
+# batch ~90 ms). OpenAI takes 4 stop strings and TGI 4 by default (`--max-stop-sequences`); vLLM has no cap. 16
+# strings of 256 characters are well past any real use, and add a few microseconds a token to a row (measured on
+# `Choice.push`, whose search covers only the new text and the held-back tail: up to 2 x 256 characters a stop).
+MAX_STOPS = 16
+MAX_STOP_CHARS = 256
+STOP_ALLOWED = f"a non-empty string, or a list of at most {MAX_STOPS} strings of at most {MAX_STOP_CHARS} characters"
 
 
 @dataclass
@@ -80,10 +88,15 @@ class Sampling:
             raise RequestError("logprobs", self.logprobs, "true or false")
         if self.top_logprobs and not self.logprobs:
             raise RequestError("top_logprobs", self.top_logprobs, "0 unless logprobs is true")
-        if isinstance(self.stop, str):
-            self.stop = [self.stop]
-        if not isinstance(self.stop, list) or not all(isinstance(s, str) and s for s in self.stop):
-            raise RequestError("stop", self.stop, "a non-empty string or a list of them")
+        stops = [self.stop] if isinstance(self.stop, str) else self.stop
+        if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops):
+            raise RequestError("stop", self.stop, STOP_ALLOWED)
+        if len(stops) > MAX_STOPS:
+            raise RequestError("stop", self.stop, STOP_ALLOWED, f"has {len(stops)} strings")
+        longest = max(stops, key=len, default="")
+        if len(longest) > MAX_STOP_CHARS:
+            raise RequestError("stop", longest, STOP_ALLOWED, f"is {len(longest)} characters long")
+        self.stop = stops
         grammar_of(self.response_format)  # the shape; the schema is checked against the tokenizer when compiled
         return self
 
@@ -120,6 +133,40 @@ def grammar_of(response_format: Any) -> str | None:
     if not isinstance(schema, dict):
         raise RequestError("response_format.json_schema.schema", schema, "a JSON schema object")
     return LLMatcher.grammar_from_json_schema(schema, defaults=options)
+
+
+def grammar_field(response_format: Any) -> str:
+    """The request field a grammar's errors name: a json_schema's schema, else response_format."""
+    if isinstance(response_format, dict) and response_format.get("type") == "json_schema":
+        return "response_format.json_schema.schema"
+    return "response_format"
+
+
+def grammar_value(response_format: Any) -> Any:
+    """What that field holds (RequestError abbreviates it)."""
+    if grammar_field(response_format) == "response_format":
+        return response_format
+    return response_format["json_schema"].get("schema", {})
+
+
+def guidance_limits():
+    """llguidance's default limits, with short errors: its verbose ones hold the parser's state and the whole
+    grammar, which put a 1 MB schema in every failed request's error and in the server's log."""
+    from llguidance import LLParserLimits
+
+    return LLParserLimits(verbose_errors=False)
+
+
+def grammar_error(response_format: Any, matcher: Any) -> RequestError:
+    """A matcher's failure as the request's error: a grammar that llguidance validated but cannot step, e.g. a
+    regex or const too large for its lexer ("too many expressions constructed"), or a parser item limit."""
+    reason = matcher.get_error().split("\n", 1)[0] or matcher.stop_reason()
+    return RequestError(
+        grammar_field(response_format),
+        grammar_value(response_format),
+        "a JSON schema that llguidance can enforce within its lexer and parser limits",
+        f"cannot be enforced ({reason})",
+    )
 
 
 @dataclass
@@ -305,13 +352,15 @@ def token_stream(
         tokens = sampler.tokens(sampler(logits).to("cpu"), range(size))
         out: list[Token | None] = []
         for row, token in zip(rows, tokens, strict=True):
+            if not row.done and row.matcher is not None and row.matcher.is_error():  # its failed mask allowed EOS
+                raise grammar_error(params.response_format, row.matcher)
             if row.done or token.id in eos:
                 row.finish_reason = row.finish_reason or "stop"
                 out.append(None)
                 continue
             if row.matcher is not None:
-                if not row.matcher.consume_token(token.id):
-                    raise RuntimeError(f"the grammar refused a token it allowed: {row.matcher.get_error()}")
+                if not row.matcher.consume_token(token.id):  # as the scheduler: the request's error, not a 500
+                    raise grammar_error(params.response_format, row.matcher)
                 if row.matcher.is_stopped():  # the grammar is complete: nothing may follow
                     row.finish_reason = "stop"
             out.append(token)

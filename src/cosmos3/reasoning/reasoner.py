@@ -20,7 +20,18 @@ import torch
 from cosmos3.errors import RequestError
 from cosmos3.media import fetch_bytes
 from cosmos3.model.transformer import Cosmos3Transformer
-from cosmos3.reasoning.decoding import Prompt, Row, Sampling, Token, grammar_of, prompt_logits
+from cosmos3.reasoning.decoding import (
+    Prompt,
+    Row,
+    Sampling,
+    Token,
+    grammar_error,
+    grammar_field,
+    grammar_of,
+    grammar_value,
+    guidance_limits,
+    prompt_logits,
+)
 from cosmos3.reasoning.messages import (
     MAX_MEDIA_BYTES,
     MediaReader,
@@ -328,6 +339,8 @@ class Reasoner:
         reasoning = bool(encode_kwargs.get("reasoning")) or all(asks_for_reasoning(m) for m in conversations)
         params = params.resolved(reasoning).check()
         grammar = self.grammar(params.response_format)
+        if grammar is not None:
+            self.first_steps(grammar, params.response_format)
         if params.logprobs:  # the token bytes' table, made once here rather than by the first token's logprobs
             _ = self.guidance_tokenizer  # (the server turns tokens into text on the thread that drives the GPU)
         return Request(params, grammar, [self.tokenize(m, **encode_kwargs) for m in conversations])
@@ -337,7 +350,11 @@ class Reasoner:
         params, grammar = request.params, request.grammar
         prompts = request.conversations
         rows = [
-            Row((params.seed + i) % 2**63, self.matcher(grammar) if grammar else None, cancelled=cancelled)
+            Row(
+                (params.seed + i) % 2**63,
+                self.matcher(grammar, params.response_format) if grammar else None,
+                cancelled=cancelled,
+            )
             for _ in prompts
             for i in range(params.n)
         ]
@@ -394,22 +411,40 @@ class Reasoner:
             raise RequestError("response_format.json_schema.schema", "<schema>", "a JSON schema", str(exc)) from exc
         if grammar is None:
             return None
-        error = LLMatcher.validate_grammar(grammar, self.guidance_tokenizer)
+        error = LLMatcher.validate_grammar(grammar, self.guidance_tokenizer, limits=guidance_limits())
         if error:
-            field = (
-                "response_format.json_schema.schema"
-                if response_format.get("type") == "json_schema"
-                else "response_format"
-            )
+            field = grammar_field(response_format)
             raise RequestError(field, "<schema>", "a JSON schema that llguidance can enforce", error)
         return grammar
 
-    def matcher(self, grammar: str):
+    def first_steps(self, grammar: str, response_format: dict) -> None:
+        """Step a matcher of a validated grammar as decoding will: its first token mask, then every token the
+        grammar forces from there. llguidance builds a lexeme's regex only when decoding reaches it, so a schema
+        that it validates can still fail at the first token (`"pattern": "^a{1000000}$"`, a 1 MB `const`: "too many
+        expressions constructed"), or allow no token at all (`{"$ref": "#"}`: a cycle with no base case admits no
+        finite JSON value). Both are the request's errors here, before its rows join the batch. Bounded by
+        llguidance's own limits (a forced path ends at its fuel and item limits), on the host."""
+        matcher = self.matcher(grammar, response_format)
+        mask = torch.empty((self.guidance_tokenizer.vocab_size + 31) // 32, dtype=torch.int32)
+        matcher.unsafe_compute_mask_ptr(mask.data_ptr(), mask.numel() * 4)
+        if matcher.is_error() and matcher.get_error().startswith("NoExtension"):  # not even a first byte
+            raise RequestError(
+                grammar_field(response_format),
+                grammar_value(response_format),
+                "a satisfiable JSON schema (a $ref cycle needs a base case, e.g. an anyOf branch without it)",
+                "is unsatisfiable: no finite JSON value matches it",
+            )
+        if not matcher.is_error():
+            matcher.consume_tokens(matcher.compute_ff_tokens())
+        if matcher.is_error():
+            raise grammar_error(response_format, matcher)
+
+    def matcher(self, grammar: str, response_format: dict | None = None):
         from llguidance import LLMatcher
 
-        matcher = LLMatcher(self.guidance_tokenizer, grammar, log_level=0)
+        matcher = LLMatcher(self.guidance_tokenizer, grammar, log_level=0, limits=guidance_limits())
         if matcher.is_error():
-            raise RequestError("response_format", "<schema>", "a grammar llguidance can enforce", matcher.get_error())
+            raise grammar_error(response_format, matcher)
         return matcher
 
     def token_bytes(self, token: int) -> bytes:
@@ -560,6 +595,8 @@ class Choice:
             self.text += now[len(before) :]
             self.prefix, self.read = self.read, len(self.ids)
         for stop in self.params.stop:
+            # From just before the text not yet given out (at most `hold` characters and this step's): a stop found
+            # earlier would have ended the choice, so a step searches its new text, not the whole reply.
             at = self.text.find(stop, max(0, self.sent - len(stop)))
             if at >= 0:
                 self.text, self.stopped = self.text[:at], True

@@ -36,7 +36,17 @@ from typing import Any
 import torch
 
 from cosmos3.model.transformer import Cosmos3Transformer, KVCache
-from cosmos3.reasoning.decoding import Batch, Prompt, Row, Sampler, Sampling, Token, graphable, prefill
+from cosmos3.reasoning.decoding import (
+    Batch,
+    Prompt,
+    Row,
+    Sampler,
+    Sampling,
+    Token,
+    grammar_error,
+    graphable,
+    prefill,
+)
 
 END = object()  # the last item of a request's queue
 logger = logging.getLogger(__name__)
@@ -299,17 +309,21 @@ class Scheduler:
 
     def hand_out(self, job: Job, token: Token) -> None:
         job.generated += 1
+        matcher = job.row.matcher
+        if matcher is not None and not matcher.is_error() and token.id not in self.eos:
+            matcher.consume_token(token.id)  # a token it refuses puts it in its error state
+        if matcher is not None and matcher.is_error():
+            # The grammar failed (llguidance's lexer or parser limits: a regex or const too large to step through):
+            # it refused the token it allowed, or its failed mask allowed only end of turn. The request's error,
+            # not a reply cut short that claims to match its schema.
+            self.retire(job, error=grammar_error(job.params.response_format, matcher))
+            return
         if token.id in self.eos:
             job.row.finish_reason = "stop"
             self.retire(job)
             return
-        if job.row.matcher is not None:
-            if not job.row.matcher.consume_token(token.id):
-                error = RuntimeError(f"the grammar refused a token it allowed: {job.row.matcher.get_error()}")
-                self.retire(job, error=error)
-                return
-            if job.row.matcher.is_stopped():  # the grammar is complete: nothing may follow
-                job.row.finish_reason = "stop"
+        if matcher is not None and matcher.is_stopped():  # the grammar is complete: nothing may follow
+            job.row.finish_reason = "stop"
         job.out.put((job.index, token))
         if job.generated >= job.params.max_tokens and not job.row.done:
             job.row.finish_reason = "length"

@@ -27,10 +27,11 @@ from typing import Any, Literal
 
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_core import PydanticCustomError
 
 from cosmos3.errors import RequestError
-from cosmos3.reasoning.decoding import MAX_N, MAX_TOP_LOGPROBS, Sampling
+from cosmos3.reasoning.decoding import MAX_N, MAX_TOP_LOGPROBS, STOP_ALLOWED, Sampling
 from cosmos3.reasoning.messages import video_sampling
 from cosmos3.reasoning.reasoner import Decode, Deltas, Reply, replies
 from cosmos3.reasoning.scheduler import MAX_SLOTS, PREFILL_CHUNK, Scheduler
@@ -70,7 +71,7 @@ class ChatRequest(BaseModel):
     presence_penalty: float | None = Field(None, description="unset: 1.5 (0.0 with reasoning)")
     frequency_penalty: float | None = None
     seed: int | None = Field(None, description="choice i uses seed + i; unset: random")
-    stop: str | list[str] | None = None
+    stop: str | list[str] | None = Field(None, description=STOP_ALLOWED)
     n: int = Field(1, description=f"choices, 1 to {MAX_N}, decoded together")
     logprobs: bool | None = None
     top_logprobs: int | None = Field(None, description=f"0 to {MAX_TOP_LOGPROBS}; needs logprobs")
@@ -84,6 +85,16 @@ class ChatRequest(BaseModel):
     )
     mm_processor_kwargs: ProcessorKwargs | None = Field(None, description="fps / num_frames; wins over media_io_kwargs")
     user: str | None = None
+
+    @field_validator("stop", mode="wrap")
+    @classmethod
+    def _stop(cls, value: Any, handler: Callable[[Any], Any]) -> Any:
+        # pydantic names a value that fits no member of a union by the member (`stop.str`); the client sent `stop`.
+        # Its count and lengths are Sampling's to check (the Python API takes the same bounds).
+        try:
+            return handler(value)
+        except ValidationError:
+            raise PydanticCustomError("stop", f"Input should be {STOP_ALLOWED}") from None
 
 
 class Logprobs(BaseModel):
