@@ -32,6 +32,10 @@ CASES = {
     "forward-av-short-actions": ("forward_dynamics", "av", 8, "256", (90, 60), 2, 2.0, "wrist_view"),
     "inverse-hand": ("inverse_dynamics", "hand_pose", 8, "256", (64, 80), 9, 1.0, "ego_view"),
     "inverse-galbot-guided": ("inverse_dynamics", "galbot", 4, "256", (80, 64), 5, 4.0, "ego_view"),
+    # Below the VAE's 4 frames a latent frame, the rollout has only its clean conditioning frame: the reference
+    # returns that frame (a still) and, for policy, the chunk's actions.
+    "policy-pusht-chunk-2": ("policy", "pusht", 2, "256", (96, 64), 0, 1.0, None),
+    "forward-droid-chunk-1": ("forward_dynamics", "droid_lerobot", 1, "256", (96, 64), 0, 1.0, None),
 }
 
 

@@ -7,12 +7,14 @@ from __future__ import annotations
 import json
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import ray
 
 import cosmos3
 from cosmos3.batch import MANIFEST, Entry, read_manifest, run
+from cosmos3.errors import RequestError
 
 SMALL = {"height": 64, "width": 96, "num_steps": 1}
 VALID = [{"model_mode": "text2image", "prompt": f"a cup {i}", "seed": i, **SMALL} for i in range(5)] + [
@@ -105,3 +107,77 @@ def test_batch_command_reads_a_spec_and_reports(local_ray, tmp_path, capsys):
     captured = capsys.readouterr()
     assert "2 entries: 1 written" in captured.out and "failed sample_1" in captured.err
     assert (tmp_path / "out" / "a" / "vision.jpg").is_file()
+
+
+def _rows(*names: str) -> bytes:
+    return b"".join(
+        json.dumps({"name": n, "status": "done", "outputs": [], "key": "k"}).encode() + b"\n" for n in names
+    )
+
+
+@pytest.mark.parametrize("tail", [b'{"name": "c", "status": "compl', b"\xff\xfe\x00garbage", b"[1, 2]\n"])
+def test_a_cut_last_manifest_line_is_skipped_with_a_warning_and_cut_off(tmp_path, caplog, tail):
+    manifest = tmp_path / MANIFEST
+    manifest.write_bytes(_rows("a", "b") + tail)
+    with caplog.at_level("WARNING", logger="cosmos3.batch"):
+        assert set(read_manifest(tmp_path)) == {"a", "b"}  # reading alone changes nothing
+    assert f"manifest={str(manifest)!r} line 3 " in caplog.text and "runs again" in caplog.text
+    assert manifest.read_bytes() == _rows("a", "b") + tail
+    assert set(read_manifest(tmp_path, repair=True)) == {"a", "b"}  # a run about to append cuts it off
+    assert manifest.read_bytes() == _rows("a", "b")
+
+
+def test_a_whole_last_row_without_its_newline_is_kept_and_finished(tmp_path):
+    manifest = tmp_path / MANIFEST
+    manifest.write_bytes(_rows("a", "b")[:-1])
+    assert set(read_manifest(tmp_path, repair=True)) == {"a", "b"}
+    assert manifest.read_bytes() == _rows("a", "b")  # the next row starts on a line of its own
+
+
+@pytest.mark.parametrize("bad", [b'{"name": "x", "sta\n', b"\xff\xfe\n", b"[1]\n"])
+def test_a_bad_manifest_line_before_the_last_is_an_error_naming_it(tmp_path, bad):
+    manifest = tmp_path / MANIFEST
+    manifest.write_bytes(_rows("a") + bad + _rows("b"))
+    with pytest.raises(RequestError) as err:
+        read_manifest(tmp_path, repair=True)
+    assert err.value.field == "manifest" and str(manifest) in str(err.value) and "line 2 " in str(err.value)
+    assert "allowed: one JSON object per line" in str(err.value)
+    assert manifest.read_bytes() == _rows("a") + bad + _rows("b")  # untouched
+
+
+def test_batch_command_resumes_after_an_interrupted_manifest_append(local_ray, tmp_path, capsys):
+    from cosmos3.cli import main
+
+    spec = tmp_path / "specs.jsonl"
+    spec.write_text(
+        "".join(json.dumps({"name": n, "model_mode": "text2image", "prompt": n, **SMALL}) + "\n" for n in "ab")
+    )
+    out = tmp_path / "out"
+    command = ["batch", str(spec), "--output-dir", str(out), "--model", "tiny", "--device", "cpu"]
+    assert main(command) == 0
+    (out / "b" / "vision.jpg").unlink()  # b's row is cut short below: its entry runs again
+    lines = (out / MANIFEST).read_bytes().splitlines(keepends=True)
+    row_b = next(line for line in lines if b'"name": "b"' in line)
+    (out / MANIFEST).write_bytes(b"".join(line for line in lines if line != row_b) + row_b[:30])
+    capsys.readouterr()
+    assert main(command) == 0  # was: error: JSONDecodeError ..., exit status 1
+    assert "2 entries: 1 written, 1 skipped (complete), 0 failed" in capsys.readouterr().out
+    assert {json.loads(line)["name"] for line in (out / MANIFEST).read_text().splitlines()} == {"a", "b"}
+    assert (out / "b" / "vision.jpg").is_file()
+
+
+def test_batch_names_cannot_leave_the_output_dir(local_ray, tmp_path, capsys):
+    from cosmos3.cli import main
+
+    with pytest.raises(RequestError, match=r"name='\.\./x' is not allowed; allowed: a plain folder name"):
+        run([Entry("../x", VALID[0])], tmp_path / "out", "tiny", progress=False)
+    spec = tmp_path / "deep" / "spec.json"
+    spec.parent.mkdir()
+    entries = [{"name": "../../escape", **VALID[0]}, {"name": "/tmp/cosmos3-escape", **VALID[1]}]
+    spec.write_text(json.dumps(entries))
+    command = ["batch", str(spec), "--output-dir", str(tmp_path / "deep" / "out"), "--model", "tiny", "--device", "cpu"]
+    assert main(command) == 1
+    err = capsys.readouterr().err
+    assert "failed sample_0: name='../../escape' is not allowed" in err and "failed sample_1: name='/tmp/" in err
+    assert not list(tmp_path.rglob("vision.*")) and not (tmp_path / "escape").exists()
+    assert not Path("/tmp/cosmos3-escape").exists()

@@ -254,3 +254,16 @@ def test_step_cache_reaches_the_request(monkeypatch, tmp_path):
     args = ["generate", "--mode", "text2image", "--prompt", "x", "--step-cache", "0.05", "--output", str(out)]
     assert main(args) == 0
     assert seen[0].step_cache == 0.05 and json.loads(out.with_name("a.jpg.json").read_text())["request"]["step_cache"]
+
+
+def test_unreadable_text_inputs_exit_2_naming_the_flag(tmp_path, capsys):
+    binary = tmp_path / "prompts.txt"
+    binary.write_bytes(b"a cup\n\xff\xfe\n")
+    deep = tmp_path / "schema.json"
+    deep.write_text("[" * 100_000 + "]" * 100_000)
+    upsample = ["upsample", "--output", str(tmp_path / "o.json"), "--mode", "text2video", "--endpoint-url", "x"]
+    assert main([*upsample, "--model", "m", "--input", str(binary)]) == 2
+    assert "input=" in capsys.readouterr().err
+    assert main(["reason", "--model", "tiny", "--prompt", "x", "--json-schema", str(deep)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: json_schema=") and "RecursionError" in err and "allowed:" in err

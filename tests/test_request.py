@@ -90,3 +90,36 @@ def test_errors_name_field_value_and_allowed(fields, field):
 def test_unknown_field_is_an_error():
     with pytest.raises(RequestError, match="not a known field"):
         GenerateRequest.from_dict({"prompt": "x", "guidence": 3})
+
+
+@pytest.mark.parametrize("name", ["../../escape", "/tmp/abs", "a/b", "a\\b", "..", ".", "", "a\0b", 5, ["a"]])
+def test_name_must_be_one_plain_folder_name(name):
+    # spec files and batch write <output-dir>/<name>/vision.*: no name may point outside that folder
+    with pytest.raises(RequestError) as err:
+        resolve(prompt="x", name=name)
+    assert err.value.field == "name" and err.value.value == name
+    assert "allowed: a plain folder name" in str(err.value) and "'..'" in str(err.value)
+
+
+def test_plain_names_are_kept():
+    for name in ("sample_0", "cup.v2", "..hidden", "a b"):
+        assert resolve(prompt="x", name=name).name == name
+
+
+@pytest.mark.parametrize(
+    ("fields", "field"),
+    [
+        ({"mode": "text2image", "num_frames": True}, "num_frames"),  # `true == 1` in Python: it passed as one frame
+        ({"mode": "text2image", "num_frames": 1.0}, "num_frames"),
+        ({"mode": "policy", "image": __file__, "domain_name": "pusht", "raw_action_dim": 2.0}, "raw_action_dim"),
+        ({"mode": "policy", "image": __file__, "domain_name": "pusht", "num_frames": 17.0}, "num_frames"),
+        ({"mode": "policy", "image": __file__, "domain_name": "pusht", "action_chunk_size": True}, "action_chunk_size"),
+        ({"mode": "policy", "image": __file__, "domain_name": "pusht", "chunks": True}, "chunks"),
+        ({"num_steps": True}, "num_steps"),
+        ({"seed": False}, "seed"),
+    ],
+)
+def test_bools_and_floats_are_not_integers(fields, field):
+    with pytest.raises(RequestError) as err:
+        resolve(**{"prompt": "x", **fields})
+    assert err.value.field == field and "allowed:" in str(err.value)

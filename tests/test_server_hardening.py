@@ -603,3 +603,18 @@ def test_predict_takes_the_tier_under_either_name_and_refuses_two_values(client)
     policy = {"model_mode": "policy", "prompt": "a", "num_steps": 1, "domain_name": "bridge_orig_lerobot"}
     r = client.post("/predict", json={**policy, "resolution": "256", "vision_path": data_uri(png_bytes(64, 48))})
     assert r.status_code == 200, r.text
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "param"),
+    [
+        ("/predict", {"model_mode": "policy", "prompt": "p", "domain_name": "pusht", "action_chunk_size": True},
+         "action_chunk_size"),
+        ("/v1/images/generations", {"prompt": "p", "n": True}, "n"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "max_tokens": True}, "max_tokens"),
+    ],
+)  # fmt: skip
+def test_a_boolean_is_not_an_integer_on_any_json_route(client, path, body, param):
+    """pydantic's lax mode read `true` as 1: a flag sent to the wrong field became a count."""
+    error = error_of(client.post(path, json=body))
+    assert error["param"] == param and "boolean" in error["message"]

@@ -204,3 +204,43 @@ def test_python_save_writes_the_sidecar_with_what_it_knows(tmp_path):
     assert full["request"] == request_json(req) and full["timings"]["generate_s"] == 1.25
     with pytest.raises(ValueError, match="output"):
         result.save(tmp_path / "c.gif")
+
+
+def _jobs_bytes(tmp_path: Path, spec_name: str, data: bytes):
+    (tmp_path / spec_name).write_bytes(data)
+    return jobs_from_args(build_parser().parse_args(["generate", "--spec", str(tmp_path / spec_name)]))
+
+
+def test_unreadable_spec_files_exit_2_naming_file_and_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(cosmos3.engine, "load", lambda *a, **k: pytest.fail("the model must not load"))
+    binary = tmp_path / "binary.json"
+    binary.write_bytes(b'{"prompt": "a"}\n\xff\xfe\x00{bad')
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 100_000 + "]" * 100_000)
+    for path, why in ((binary, "line 2 is not UTF-8 text (byte 0xff"), (deep, "nested too deeply")):
+        assert main(["generate", "--spec", str(path)]) == 2  # was 1, with only the exception's class and text
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: spec=") and str(path) in err and why in err and "allowed:" in err, err
+        assert "Traceback" not in err
+
+    # JSON Lines: each bad line fails alone, named by the file and its line
+    jobs = _jobs_bytes(tmp_path, "lines.jsonl", b'{"prompt": "a"}\n\xff\n' + b"[" * 100_000 + b"\n")
+    spec = str(tmp_path / "lines.jsonl")
+    assert [j.status for j in jobs] == ["pending", "failed", "failed"]
+    assert spec in jobs[1].error and "line 2 is not UTF-8 text (byte 0xff" in jobs[1].error
+    assert spec in jobs[2].error and "line 3 is JSON nested too deeply" in jobs[2].error
+
+
+@pytest.mark.parametrize("name", ["../../escape", "/tmp/cosmos3-abs-escape", "sub/../../escape", ".."])
+def test_spec_names_cannot_write_outside_the_output_dir(tmp_path, monkeypatch, capsys, name):
+    monkeypatch.setattr(cosmos3.engine, "load", lambda *a, **k: pytest.fail("the model must not load"))
+    spec = tmp_path / "spec.json"
+    image = {"name": name, "model_mode": "text2image", "prompt": "x", **SMALL, "num_frames": 1}
+    spec.write_text(json.dumps([image, {"name": name, "model_mode": "reasoner", "prompt": "x"}]))
+    outs = tmp_path / "a" / "b" / "outs"
+    assert main(["generate", "--model", "tiny", "--spec", str(spec), "--output-dir", str(outs)]) == 1
+    err = capsys.readouterr().err
+    for i in (0, 1):  # a reasoner entry's reasoner_text.txt too
+        assert f"failed: sample_{i}: name={name!r} is not allowed; allowed: a plain folder name" in err
+    assert not list(tmp_path.rglob("vision.*")) and not list(tmp_path.rglob("reasoner_text.txt"))
+    assert not (tmp_path / "escape").exists() and not Path("/tmp/cosmos3-abs-escape").exists()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -20,8 +21,10 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from cosmos3.errors import RequestError
+from cosmos3.generation.request import check_name
 
 MANIFEST = "manifest.jsonl"
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -91,16 +94,67 @@ class EngineWorker:
         }
 
 
-def read_manifest(output_dir: Path) -> dict[str, dict[str, Any]]:
-    """The last row of each entry in the manifest (a later run appends; its rows win)."""
+def read_manifest(output_dir: Path, repair: bool = False) -> dict[str, dict[str, Any]]:
+    """The last row of each entry in the manifest (a later run appends; its rows win).
+
+    Rows are appended whole and flushed one at a time, so a run killed mid-append (or a full disk) can leave only
+    the last line cut short: that line is skipped with a warning naming it (its entry simply runs again), and with
+    `repair` (a run about to append) cut off the file, so that the next row starts on a line of its own instead of
+    being glued to the broken one. A bad line before the last one is an error naming it: no interrupted append
+    leaves one, so something else damaged or edited the file, and what the row said (done, invalid, which outputs)
+    is unknown; the run stops before it recomputes or overwrites anything, and the operator fixes or removes the
+    line (that entry then runs again)."""
     rows: dict[str, dict[str, Any]] = {}
     path = output_dir / MANIFEST
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            if line.strip():
-                row = json.loads(line)
-                rows[row["name"]] = row
+    if not path.is_file():
+        return rows
+    data = path.read_bytes()  # bytes: a line of garbage must not hide the lines around it
+    lines = data.split(b"\n")
+    start = 0  # the offset of the current line in the file
+    for number, line in enumerate(lines, 1):
+        row, problem = _manifest_row(line) if line.strip() else (None, None)
+        if problem is not None:
+            if any(rest.strip() for rest in lines[number:]):
+                long = len(repr(str(path))) > 80  # RequestError cuts a long value: then the text names the file
+                raise RequestError(
+                    "manifest",
+                    path.name if long else str(path),
+                    "one JSON object per line, as cosmos3 batch writes them (fix or remove that line; its entry then "
+                    "runs again)",
+                    f"line {number} {problem}" + (f" (file {path})" if long else ""),
+                )
+            logger.warning(
+                "manifest=%r line %d %s: skipped (the end of an interrupted run?); its entry runs again",
+                str(path),
+                number,
+                problem,
+            )
+            if repair:
+                with path.open("r+b") as f:
+                    f.truncate(start)
+            return rows
+        if row is not None:
+            rows[row["name"]] = row
+        start += len(line) + 1
+    if repair and data and not data.endswith(b"\n"):  # a whole row whose newline was cut: finish its line
+        with path.open("ab") as f:
+            f.write(b"\n")
     return rows
+
+
+def _manifest_row(line: bytes) -> tuple[dict[str, Any] | None, str | None]:
+    """(the row, None) for a good manifest line, else (None, what is wrong with it)."""
+    try:
+        row = json.loads(line.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        return None, f"is not UTF-8 text ({exc.reason} at byte {exc.start})"
+    except json.JSONDecodeError as exc:
+        return None, f"is not valid JSON ({exc.msg}, column {exc.colno})"
+    except RecursionError:
+        return None, "is JSON nested too deeply to read"
+    if not isinstance(row, dict) or not isinstance(row.get("name"), str):
+        return None, "is not a manifest row (a JSON object with a name)"
+    return row, None
 
 
 def is_complete(row: dict[str, Any] | None, key: str) -> bool:
@@ -128,7 +182,7 @@ def run(
     on another actor up to `retries` times, an invalid one (RequestError) is recorded at once."""
     import ray
 
-    names = [e.name for e in entries]
+    names = [check_name(e.name) for e in entries]  # each writes <output_dir>/<name>/: never outside it
     duplicate = next((n for n in names if names.count(n) > 1), None)
     if duplicate is not None:
         raise RequestError("name", duplicate, "a distinct name for every entry", "is used twice")
@@ -136,7 +190,7 @@ def run(
         raise RequestError("workers", workers, "1 or more")
     output_dir.mkdir(parents=True, exist_ok=True)
     summary = Summary()
-    previous = read_manifest(output_dir)
+    previous = read_manifest(output_dir, repair=True)  # before this run appends
     for entry in entries:
         entry.spec = {**entry.spec, "name": entry.name}
     todo = deque()

@@ -14,7 +14,7 @@ from typing import Any
 
 from cosmos3.errors import RequestError
 from cosmos3.generation.dialects import MODES, dialect
-from cosmos3.generation.request import GenerateRequest
+from cosmos3.generation.request import GenerateRequest, check_name
 from cosmos3.reason_request import REASONER_OUTPUT, ReasonRequest, is_reasoner_entry, reason, request_from_entry
 from cosmos3.reasoning.scheduler import PREFILL_CHUNK
 from cosmos3.server.limits import Limits
@@ -293,47 +293,73 @@ FLAG_FIELDS = (
 
 
 class SpecLineError(ValueError):
-    """A JSONL line that is not JSON: that entry fails, the others run."""
+    """A JSONL line that is not JSON (or not UTF-8): that entry fails, the others run."""
 
     def __init__(self, line: int, detail: str):
         super().__init__(f"line {line}: {detail}")
         self.line, self.detail = line, detail
 
 
+def _spec_error(path: Path, allowed: str, why: str) -> RequestError:
+    """An error naming the spec file: RequestError cuts a value past 80 characters, so a long path is given whole in
+    the text instead."""
+    if len(repr(str(path))) <= 80:
+        return RequestError("spec", str(path), allowed, why)
+    return RequestError("spec", path.name, allowed, f"{why} (file {path})")
+
+
+def _parse_json(text: str, one_line: bool = False) -> tuple[Any, str | None]:
+    """(value, None), or (None, why it is not JSON): JSON nested past Python's recursion limit is an answer too,
+    not a RecursionError. `one_line`: the place is given as a column (the caller names the line)."""
+    try:
+        return json.loads(text), None
+    except json.JSONDecodeError as exc:
+        return None, f"is not valid JSON ({f'{exc.msg}, column {exc.colno}' if one_line else exc})"
+    except RecursionError:
+        return None, "is JSON nested too deeply to read (past Python's recursion limit)"
+
+
+def _not_utf8(data: bytes, exc: UnicodeDecodeError) -> str:
+    line = data.count(b"\n", 0, exc.start) + 1
+    return f"line {line} is not UTF-8 text (byte 0x{data[exc.start]:02x}: {exc.reason})"
+
+
 def read_spec(path: Path) -> list[Any]:
     """The entries of a spec file: a JSON object or a list of them, JSON Lines (`.jsonl`, or any file whose
     non-empty lines are each one JSON value), or `cosmos3 upsample` output (the same, of structured prompts).
-    A bad JSONL line becomes a `SpecLineError` entry, so that one broken line fails alone."""
+    A bad JSONL line (not JSON, not UTF-8) becomes a `SpecLineError` entry, so that one broken line fails alone."""
+    allowed = "a UTF-8 JSON object or list, or JSON Lines"
     try:
-        text = path.read_text()
+        data = path.read_bytes()
     except OSError as exc:
-        raise RequestError("spec", str(path), "a readable JSON or JSONL file", f"cannot be read ({exc})") from exc
-    lines = [(n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
-    if path.suffix.lower() != ".jsonl":
-        try:
-            data = json.loads(text)
-            return data if isinstance(data, list) else [data]
-        except json.JSONDecodeError as exc:
-            error = exc
+        raise _spec_error(path, "a readable JSON or JSONL file", f"cannot be read ({exc})") from exc
+    if path.suffix.lower() == ".jsonl":  # decoded and parsed line by line, so that only the broken lines fail
         entries: list[Any] = []
-        for _, line in lines:  # JSON Lines under another name: only if every line parses
+        for n, raw in enumerate(data.split(b"\n"), 1):
             try:
-                entries.append(json.loads(line))
-            except json.JSONDecodeError:
-                raise RequestError(
-                    "spec", str(path), "a JSON object or list, or JSON Lines", f"is not valid JSON ({error})"
-                ) from error
-        if len(entries) < 2:
-            raise RequestError(
-                "spec", str(path), "a JSON object or list, or JSON Lines", f"is not valid JSON ({error})"
-            )
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                entries.append(SpecLineError(n, f"is not UTF-8 text (byte 0x{raw[exc.start]:02x}: {exc.reason})"))
+                continue
+            if line.strip():
+                value, error = _parse_json(line, one_line=True)
+                entries.append(value if error is None else SpecLineError(n, error))
         return entries
-    entries = []
-    for n, line in lines:
-        try:
-            entries.append(json.loads(line))
-        except json.JSONDecodeError as exc:
-            entries.append(SpecLineError(n, str(exc)))
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise _spec_error(path, allowed, _not_utf8(data, exc)) from exc
+    value, error = _parse_json(text)
+    if error is None:
+        return value if isinstance(value, list) else [value]
+    entries = []  # JSON Lines under another name: only if every line parses
+    for line in (line for line in text.splitlines() if line.strip()):
+        value, line_error = _parse_json(line)
+        if line_error is not None:
+            raise _spec_error(path, allowed, error)
+        entries.append(value)
+    if len(entries) < 2:
+        raise _spec_error(path, allowed, error)
     return entries
 
 
@@ -391,9 +417,7 @@ def spec_entries(spec_path: Path, flags: dict[str, Any]) -> list[tuple[str, dict
         label = f"sample_{i}"
         try:
             if isinstance(entry, SpecLineError):
-                raise RequestError(
-                    "spec", f"line {entry.line}", "one JSON object per line", f"is not valid JSON ({entry.detail})"
-                )
+                raise _spec_error(spec_path, "one UTF-8 JSON object per line", f"line {entry.line} {entry.detail}")
             if not isinstance(entry, dict):
                 raise RequestError(f"spec[{i}]", entry, "a JSON object")
             if is_structured_prompt(entry):
@@ -412,7 +436,10 @@ def spec_entries(spec_path: Path, flags: dict[str, Any]) -> list[tuple[str, dict
                 if not remote and not Path(value).is_absolute():
                     entry[key] = str(spec_path.parent / value)
             entry = {**entry, **used}
-            out.append((str(entry.get("name") or label), entry))
+            name = entry.get("name")
+            if name is not None:  # its folder under --output-dir; here too for reasoner entries, before any load
+                check_name(name)
+            out.append((name or label, entry))
         except RequestError as exc:
             out.append((label, exc))
     return out
@@ -603,9 +630,11 @@ def cmd_reason(args: argparse.Namespace) -> int:
     sampling.update(max_tokens=args.max_tokens, seed=args.seed, reasoning=args.reasoning, stop=args.stop or [])
     if args.json_schema:
         try:
-            schema = json.loads(Path(args.json_schema).read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise RequestError("json_schema", args.json_schema, "a readable JSON schema file", f"({exc})") from exc
+            schema = json.loads(Path(args.json_schema).read_text(encoding="utf-8"))
+        # ValueError: not JSON or not UTF-8; RecursionError: nested too deeply
+        except (OSError, ValueError, RecursionError) as exc:
+            why = f"cannot be read ({type(exc).__name__}: {exc})"
+            raise RequestError("json_schema", args.json_schema, "a readable UTF-8 JSON schema file", why) from exc
         sampling["response_format"] = {"type": "json_schema", "json_schema": {"name": "reply", "schema": schema}}
     elif args.json:
         sampling["response_format"] = {"type": "json_object"}
@@ -628,6 +657,15 @@ def cmd_reason(args: argparse.Namespace) -> int:
     return 0
 
 
+def _text_lines(path: str, field: str) -> list[str]:
+    """The non-empty lines of a UTF-8 text file, stripped; an unreadable file is a RequestError naming `field`."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise RequestError(field, path, "a readable UTF-8 text file", f"cannot be read ({exc})") from exc
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
 def cmd_upsample(args: argparse.Namespace) -> int:
     from cosmos3.engine import load
     from cosmos3.upsample import (
@@ -639,13 +677,10 @@ def cmd_upsample(args: argparse.Namespace) -> int:
         self_completer,
     )
 
-    try:
-        prompts = [line.strip() for line in Path(args.input).read_text().splitlines() if line.strip()]
-    except OSError as exc:
-        raise RequestError("input", args.input, "a readable text file", f"cannot be read ({exc})") from exc
+    prompts = _text_lines(args.input, "input")
     images: list[str | None] = [args.image_url] * len(prompts)
     if args.image_list:
-        images = [line.strip() for line in Path(args.image_list).read_text().splitlines() if line.strip()]
+        images = _text_lines(args.image_list, "image_list")
         if len(images) != len(prompts):
             raise RequestError("image_list", f"{len(images)} images", f"{len(prompts)} images, one per prompt")
     if args.use_self:

@@ -79,7 +79,7 @@ class GenerateRequest:
     condition_video_keep: str = "first"
     # Action modes.
     domain_name: str | None = None
-    action_chunk_size: int = 16
+    action_chunk_size: int = 16  # 1..1024; below the VAE's temporal factor (4) the rollout is the input frame only
     raw_action_dim: int | None = None  # optional cross-check of the domain's width
     action: Any = None  # [steps][width] list/array or a JSON file path (forward_dynamics)
     action_stats: Any = None  # per-channel normalisation statistics (dict or JSON file) for raw actions
@@ -142,6 +142,8 @@ class GenerateRequest:
         r = dataclasses.replace(self)
         _check_choice("mode", r.mode, MODES)
         _check_choice("dialect", r.dialect, ("python", "framework", "vllm_omni", "hosted"))
+        if r.name is not None:
+            check_name(r.name)
         engine_defaults = {
             k: v for k, v in (engine_defaults or {}).items() if k != "num_frames" or r.mode in VIDEO_MODES
         }
@@ -200,13 +202,31 @@ def _size_from_reference(r: GenerateRequest, area: int, spatial: int) -> tuple[i
     return max(spatial, round(w * scale / spatial) * spatial), max(spatial, round(h * scale / spatial) * spatial)
 
 
+NAME_ALLOWED = "a plain folder name: a non-empty string without '/', '\\' or NUL, and not '.' or '..'"
+
+
+def check_name(value: Any) -> str:
+    """An entry's `name` is the folder `<output-dir>/<name>/` that its outputs go to (spec files, batch), so it must
+    be one plain folder name: `../x` or `/abs` would write outside the output folder. Subfolders (`a/b`) are refused
+    too: one entry, one folder directly under the output folder (as the server's `/predict` names allow), and no
+    separator to interpret per OS (a backslash separates paths on Windows)."""
+    if not isinstance(value, str) or value in ("", ".", "..") or any(c in value for c in "/\\\0"):
+        raise RequestError("name", value, NAME_ALLOWED)
+    return value
+
+
+def _is_int(value: Any) -> bool:
+    """An int that is not a bool (`true` is an int in Python, and would pass as 1)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _check_choice(name: str, value: Any, allowed) -> None:
     if value not in allowed:
         raise RequestError(name, value, ", ".join(str(a) for a in allowed))
 
 
 def _check_int(name: str, value: Any, lo: int, hi: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+    if not _is_int(value) or not lo <= value <= hi:
         raise RequestError(name, value, f"an integer from {lo} to {hi}")
 
 
@@ -224,7 +244,7 @@ def _check_vision(r: GenerateRequest, spatial: int | None, temporal: int | None)
     if r.mode == "text2image":
         if r.num_frames is None:
             r.num_frames = 1
-        if r.num_frames != 1:
+        if not _is_int(r.num_frames) or r.num_frames != 1:  # `true` and 1.0 equal 1, but are not a frame count
             raise RequestError("num_frames", r.num_frames, "1 for text2image")
     else:
         _check_int("num_frames", r.num_frames, MIN_FRAMES, MAX_FRAMES)
@@ -288,12 +308,14 @@ def _check_action(r: GenerateRequest) -> None:
     if not isinstance(r.domain_name, str) or r.domain_name not in EMBODIMENTS or EMBODIMENTS[r.domain_name][1] is None:
         raise RequestError("domain_name", r.domain_name, ", ".join(sorted(k for k, v in EMBODIMENTS.items() if v[1])))
     width = EMBODIMENTS[r.domain_name][1]
-    if r.raw_action_dim is not None and r.raw_action_dim != width:
+    if r.raw_action_dim is not None and (not _is_int(r.raw_action_dim) or r.raw_action_dim != width):
         raise RequestError("raw_action_dim", r.raw_action_dim, f"{width} for domain_name={r.domain_name}")
     r.raw_action_dim = width
+    # chunk + 1 frames are chunk // 4 + 1 latent frames (Wan VAE), the first the clean conditioning frame: below 4
+    # steps no video frame is generated, and the reference returns the input frame with the chunk's actions.
     _check_int("action_chunk_size", r.action_chunk_size, 1, 1024)
     frames = r.action_chunk_size + 1
-    if r.num_frames is not None and r.num_frames != frames:
+    if r.num_frames is not None and (not _is_int(r.num_frames) or r.num_frames != frames):
         raise RequestError("num_frames", r.num_frames, f"unset or {frames} (action_chunk_size + 1) for action modes")
     r.num_frames = frames
     if r.height is not None or r.width is not None:

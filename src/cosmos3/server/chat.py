@@ -41,7 +41,7 @@ from cosmos3.server.limits import Limits
 from cosmos3.server.media_io import MediaIO, VideoIO
 from cosmos3.server.state import ServerState, state
 from cosmos3.server.submit import disconnected
-from cosmos3.server.wire import check_model, check_unicode, random_seed
+from cosmos3.server.wire import Int, check_model, check_unicode, random_seed
 
 router = APIRouter()
 
@@ -49,7 +49,7 @@ router = APIRouter()
 class ProcessorKwargs(BaseModel):
     model_config = ConfigDict(extra="forbid")
     fps: float | None = None
-    num_frames: int | None = None
+    num_frames: Int | None = None
     do_sample_frames: bool | None = None
 
 
@@ -62,19 +62,19 @@ class ChatRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     messages: list[dict[str, Any]]
     model: str | None = None
-    max_tokens: int | None = None
-    max_completion_tokens: int | None = Field(None, description="wins over max_tokens")
+    max_tokens: Int | None = None
+    max_completion_tokens: Int | None = Field(None, description="wins over max_tokens")
     temperature: float | None = Field(None, description="unset: the documents' 0.7 (0.6 with reasoning)")
     top_p: float | None = Field(None, description="unset: 0.8 (0.95 with reasoning)")
-    top_k: int | None = Field(None, description="unset: 20; -1 or 0: off")
+    top_k: Int | None = Field(None, description="unset: 20; -1 or 0: off")
     repetition_penalty: float | None = Field(None, description="unset: 1.0")
     presence_penalty: float | None = Field(None, description="unset: 1.5 (0.0 with reasoning)")
     frequency_penalty: float | None = None
-    seed: int | None = Field(None, description="choice i uses seed + i; unset: random")
+    seed: Int | None = Field(None, description="choice i uses seed + i; unset: random")
     stop: str | list[str] | None = Field(None, description=STOP_ALLOWED)
-    n: int = Field(1, description=f"choices, 1 to {MAX_N}, decoded together")
+    n: Int = Field(1, description=f"choices, 1 to {MAX_N}, decoded together")
     logprobs: bool | None = None
-    top_logprobs: int | None = Field(None, description=f"0 to {MAX_TOP_LOGPROBS}; needs logprobs")
+    top_logprobs: Int | None = Field(None, description=f"0 to {MAX_TOP_LOGPROBS}; needs logprobs")
     response_format: dict[str, Any] | None = Field(
         None, description='{"type": "text" | "json_object" | "json_schema", "json_schema": {"name", "schema"}}'
     )

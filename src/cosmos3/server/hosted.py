@@ -28,7 +28,7 @@ from cosmos3.server.jobs import Job, new_id
 from cosmos3.server.settings import Settings
 from cosmos3.server.state import ServerState, state
 from cosmos3.server.submit import read_output, resolve, wait_for_jobs
-from cosmos3.server.wire import Text, load_json
+from cosmos3.server.wire import Int, Text, load_json
 
 router = APIRouter()
 
@@ -54,30 +54,30 @@ class PredictRequest(BaseModel):
     prompt: Text = ""
     negative_prompt: Text | None = None
     name: str | None = Field(None, max_length=200, pattern=r"^[A-Za-z0-9._-]+$")
-    resolution: str | int | None = None
+    resolution: str | Int | None = None
     aspect_ratio: str | None = None
-    num_frames: int | None = None
+    num_frames: Int | None = None
     fps: float | None = None
-    seed: int | None = None
+    seed: Int | None = None
     vision_path: str | None = Field(None, description="an http(s) URL, a data URI or an allow-listed local path")
     action_path: str | None = Field(None, description="a JSON action file: URL, data URI or allow-listed path")
-    image_size: int | str | None = None
-    num_steps: int | None = None
+    image_size: Int | str | None = None
+    num_steps: Int | None = None
     guidance: float | None = None
     shift: float | None = None
-    action_chunk_size: int | None = None
-    raw_action_dim: int | None = None
+    action_chunk_size: Int | None = None
+    raw_action_dim: Int | None = None
     domain_name: str | None = None
     view_point: str | None = None
     enable_sound: bool | None = None
     use_system_prompt: bool | None = None
     # model_mode "reasoner" only; unset: the Framework's greedy decoding of up to 1024 tokens.
-    max_tokens: int | None = None
-    max_new_tokens: int | None = Field(None, description="the Framework's name of max_tokens")
+    max_tokens: Int | None = None
+    max_new_tokens: Int | None = Field(None, description="the Framework's name of max_tokens")
     do_sample: bool | None = Field(None, description="unset: true when temperature, top_p or top_k is sent")
     temperature: float | None = None
     top_p: float | None = None
-    top_k: int | None = None
+    top_k: Int | None = None
     repetition_penalty: float | None = None
     presence_penalty: float | None = None
     video_fps: float | None = Field(

@@ -21,6 +21,7 @@ from cosmos3.server.submit import read_output, resolve, wait_for_jobs
 from cosmos3.server.wire import (
     SIZE_PATTERN,
     VLLM_WIRE,
+    Int,
     Text,
     check_guardrails_request,
     check_model,
@@ -36,16 +37,16 @@ class ImageRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     prompt: Text
     model: str | None = None
-    n: int = Field(1, ge=1, le=10, description="images, each with seed + i (mod 2**63)")
+    n: Int = Field(1, ge=1, le=10, description="images, each with seed + i (mod 2**63)")
     size: str | None = Field(None, pattern=SIZE_PATTERN)
     response_format: Literal["b64_json", "file"] = "b64_json"
     output_format: Literal["png", "jpeg", "webp"] = "png"
-    output_compression: int = Field(100, ge=0, le=100, description="JPEG / WebP quality")
+    output_compression: Int = Field(100, ge=0, le=100, description="JPEG / WebP quality")
     negative_prompt: Text | None = None
-    num_inference_steps: int | None = None
+    num_inference_steps: Int | None = None
     guidance_scale: float | None = None
     flow_shift: float | None = None
-    seed: int | None = Field(None, description="random when omitted; every reply says the seed used")
+    seed: Int | None = Field(None, description="random when omitted; every reply says the seed used")
     extra_params: dict[str, Any] | None = None
     extra_args: dict[str, Any] | None = None
     user: str | None = None

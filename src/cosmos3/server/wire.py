@@ -7,7 +7,7 @@ import json
 import secrets
 from typing import Annotated, Any
 
-from pydantic import AfterValidator
+from pydantic import AfterValidator, BeforeValidator
 
 from cosmos3.generation.dialects import dialect
 from cosmos3.server.errors import APIError
@@ -40,6 +40,17 @@ def _unicode(value: str) -> str:
 
 # A string that is valid Unicode (JSON can carry "\ud800", which no tokenizer or encoder accepts).
 Text = Annotated[str, AfterValidator(_unicode)]
+
+
+def _not_bool(value: Any) -> Any:
+    if isinstance(value, bool):
+        raise ValueError("a boolean is not an integer")
+    return value
+
+
+# An integer field of a JSON body: pydantic's lax mode reads `true` as 1 (a flag sent to the wrong field would
+# become a count); numbers and numeric strings keep its lax rules.
+Int = Annotated[int, BeforeValidator(_not_bool)]
 
 
 def find_surrogate(value: Any, where: str) -> str | None:
