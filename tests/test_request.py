@@ -123,3 +123,13 @@ def test_bools_and_floats_are_not_integers(fields, field):
     with pytest.raises(RequestError) as err:
         resolve(**{"prompt": "x", **fields})
     assert err.value.field == field and "allowed:" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"), [("action_chunk_size", 8), ("raw_action_dim", 7), ("action_stats", {"mean": [0], "std": [1]})]
+)
+def test_action_fields_in_a_vision_mode_are_refused_not_ignored(field, value):
+    with pytest.raises(RequestError) as err:
+        resolve(mode="text2video", prompt="x", **{field: value})
+    assert err.value.field == field and "only with mode in policy" in str(err.value)
+    assert resolve(mode="policy", prompt="x", image=__file__, domain_name="pusht").action_chunk_size == 16

@@ -618,3 +618,10 @@ def test_a_boolean_is_not_an_integer_on_any_json_route(client, path, body, param
     """pydantic's lax mode read `true` as 1: a flag sent to the wrong field became a count."""
     error = error_of(client.post(path, json=body))
     assert error["param"] == param and "boolean" in error["message"]
+
+
+def test_predict_refuses_action_fields_in_a_vision_mode(client):
+    body = {"model_mode": "text2image", "prompt": "a", "resolution": "256", "num_steps": 1, "aspect_ratio": "1,1"}
+    for field, value in (("action_chunk_size", 8), ("raw_action_dim", 7)):
+        error = error_of(client.post("/predict", json={**body, field: value}))
+        assert error["param"] == field and "only with mode in" in error["message"]

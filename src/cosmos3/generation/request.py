@@ -79,7 +79,7 @@ class GenerateRequest:
     condition_video_keep: str = "first"
     # Action modes.
     domain_name: str | None = None
-    action_chunk_size: int = 16  # 1..1024; below the VAE's temporal factor (4) the rollout is the input frame only
+    action_chunk_size: int | None = None  # action modes: 1..1024, unset 16; below 4 the rollout is a still
     raw_action_dim: int | None = None  # optional cross-check of the domain's width
     action: Any = None  # [steps][width] list/array or a JSON file path (forward_dynamics)
     action_stats: Any = None  # per-channel normalisation statistics (dict or JSON file) for raw actions
@@ -288,11 +288,12 @@ def _check_vision(r: GenerateRequest, spatial: int | None, temporal: int | None)
             raise RequestError("condition_frame_indexes_vision", idx, allowed)
         r.condition_frame_indexes_vision = list(idx)
         _check_choice("condition_video_keep", r.condition_video_keep, ("first", "last"))
-    if r.action is not None or r.domain_name is not None:
-        field_name = "action" if r.action is not None else "domain_name"
-        raise RequestError(
-            field_name, "<given>", f"only with mode in {', '.join(ACTION_MODES)}", f"does not fit mode={r.mode}"
-        )
+    for name in ("action", "domain_name", "action_chunk_size", "raw_action_dim", "action_stats"):
+        if getattr(r, name) is not None:  # set for an action mode: refused, never silently unused
+            shown = "<given>" if name in ("action", "action_stats") else getattr(r, name)
+            raise RequestError(
+                name, shown, f"only with mode in {', '.join(ACTION_MODES)}", f"does not fit mode={r.mode}"
+            )
     if r.chunks != 1:
         raise RequestError(
             "chunks", r.chunks, "1 for vision modes (chained chunks are for policy and forward_dynamics)"
@@ -313,6 +314,8 @@ def _check_action(r: GenerateRequest) -> None:
     r.raw_action_dim = width
     # chunk + 1 frames are chunk // 4 + 1 latent frames (Wan VAE), the first the clean conditioning frame: below 4
     # steps no video frame is generated, and the reference returns the input frame with the chunk's actions.
+    if r.action_chunk_size is None:
+        r.action_chunk_size = 16  # vLLM-Omni's default when neither it nor num_frames is sent (contracts 1.6)
     _check_int("action_chunk_size", r.action_chunk_size, 1, 1024)
     frames = r.action_chunk_size + 1
     if r.num_frames is not None and (not _is_int(r.num_frames) or r.num_frames != frames):
