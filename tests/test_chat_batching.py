@@ -145,14 +145,15 @@ def test_concurrent_image_chats_are_embedded_together_and_each_equals_alone(engi
         threads = [threading.Thread(target=ask, args=(i,)) for i in range(4)]
         for t in threads:
             t.start()
-        for _ in range(600):  # until the first prompt is being embedded and the others wait in the queue
-            if calls and scheduler.waiting.qsize() + len(scheduler.queued) >= 3:
+        for _ in range(600):  # until the first call is embedding and every other prompt waits in the queue
+            if calls and scheduler.waiting.qsize() + len(scheduler.queued) >= 4 - calls[0]:
                 break
             threading.Event().wait(0.05)
         release.set()
         for t in threads:
             t.join(120)
-        assert sum(calls) == 4 and max(calls) >= 3  # the three that queued behind the first went in one call
+        # Those that queued behind the first call went in one call (under load two can arrive in time for the first).
+        assert sum(calls) == 4 and len(calls) <= 2, calls
         for i in range(4):
             assert results[i] == alone(engine, conversations[i], 6).text, i
     finally:
