@@ -29,7 +29,8 @@ class ModelList(BaseModel):
     data: list[ModelCard]
 
 
-@router.api_route("/health", methods=["GET", "HEAD"], response_model=Health)  # HEAD: some health checkers
+@router.get("/health", response_model=Health)
+@router.head("/health", operation_id="health_head", response_model=Health)  # HEAD: some health checkers send it
 async def health() -> Health:
     return Health()
 
