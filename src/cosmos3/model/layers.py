@@ -31,11 +31,14 @@ class RMSNorm(nn.Module):
         # torch's rms_norm is one fused kernel on a GPU (aten._fused_rms_norm, torch >= 2.9) where the formula
         # written out is seven (fp32 copy, square, mean, eps, rsqrt, scale, round): 11 ms of a 62 ms eager guided
         # step of a 720p image on an H200, 2.5 ms fused (benchmarks/README.md). It computes in fp32 and rounds once
-        # at the end, as the Nemotron flavour does; the Qwen flavour rounds before the weight multiply, so it
-        # applies the weight itself. (Weights and inputs share one dtype: a checkpoint loads in one.)
+        # at the end, as the Nemotron flavour does; the Qwen flavour rounds before the weight multiply: on a GPU a
+        # Triton kernel does both roundings in one pass (`cosmos3.model.kernels`), elsewhere the weight is applied
+        # apart. (Weights and inputs share one dtype: a checkpoint loads in one.)
         shape = (x.shape[-1],)
         if self.nemotron or self.weight.dtype not in (torch.float16, torch.bfloat16):
             return F.rms_norm(x, shape, self.weight, self.eps)
+        if (kernels := triton_kernels_for(x)) and kernels.norm_fits(x, self.weight):  # both roundings, one pass
+            return kernels.rms_norm(x, self.weight, self.eps)
         return F.rms_norm(x, shape, None, self.eps) * self.weight
 
 
@@ -77,20 +80,26 @@ def rope_cos_sin(
 
 
 @functools.cache
-def rope_kernel() -> ModuleType | None:
-    """`cosmos3.model.rope_kernel` where Triton is installed (torch's CUDA wheels bring it), else None."""
+def triton_kernels() -> ModuleType | None:
+    """`cosmos3.model.kernels` where Triton is installed (torch's CUDA wheels bring it), else None."""
     if importlib.util.find_spec("triton") is None:
         return None
-    from cosmos3.model import rope_kernel
+    from cosmos3.model import kernels
 
-    return rope_kernel
+    return kernels
+
+
+def triton_kernels_for(x: torch.Tensor) -> ModuleType | None:
+    """The Triton kernels where they run instead of eager formulas: on a GPU, outside compiled regions (Inductor
+    fuses the eager formulas itself)."""
+    return triton_kernels() if x.is_cuda and not torch.compiler.is_compiling() else None
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate-half rotary embedding on `[..., N, heads, head_dim]` with `[..., N, head_dim]` tables. On a GPU one
-    Triton kernel with the same roundings (`cosmos3.model.rope_kernel`); in a compiled region, Inductor's fusion."""
-    if x.is_cuda and not torch.compiler.is_compiling() and (kernel := rope_kernel()) and kernel.fits(x, cos):
-        return kernel.rope(x, cos, sin)
+    Triton kernel with the same roundings (`cosmos3.model.kernels`)."""
+    if (kernels := triton_kernels_for(x)) and kernels.rope_fits(x, cos):
+        return kernels.rope(x, cos, sin)
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
     return x * cos.unsqueeze(-2) + rotated * sin.unsqueeze(-2)

@@ -1,10 +1,17 @@
-"""Rotary embedding as one Triton kernel, with eager PyTorch's roundings.
+"""Triton kernels for the uncompiled path's elementwise work, with eager PyTorch's roundings.
 
-Eager rotate-half rotary (`x * cos + cat(-x2, x1) * sin`) is five kernels per tensor (negate, cat, two products,
-sum), each reading and writing the whole tensor: 4.4 ms of a 54 ms eager guided step of a 720p image on an H200,
-0.5 ms as this kernel (benchmarks/README.md). It reads `x` once and rounds where eager does: each product of two
-bf16 values is exact in fp32 and rounded to bf16, then their sum is rounded. Its output equals eager's bit for bit
-(tests/test_rope_kernel.py). Compiled regions keep the eager formula, which Inductor fuses itself.
+Rotary embedding: eager rotate-half (`x * cos + cat(-x2, x1) * sin`) is five kernels per tensor (negate, cat, two
+products, sum), each reading and writing the whole tensor: 4.4 ms of a 54 ms eager guided step of a 720p image on an
+H200, 0.5 ms as one kernel (benchmarks/README.md). It reads `x` once and rounds where eager does: each product of
+two bf16 values is exact in fp32 and rounded to bf16, then their sum is rounded. Its output equals eager's bit for
+bit (tests/test_kernels.py).
+
+RMSNorm, the Qwen flavour (diffusers' `RMSNorm`): torch's fused `rms_norm` rounds once, after the weight, where the
+reference rounds the normalised value to bf16 and again after the weight; applying the weight apart is a second
+pass over the tensor (2.3 ms of that step). This kernel does both roundings in one pass. Only the fp32 sum of
+squares adds in another order than torch's, which can move an output by one bf16 step, rarely.
+
+Compiled regions keep the eager formulas, which Inductor fuses itself.
 """
 
 from __future__ import annotations
@@ -44,7 +51,7 @@ def _rope(x_ptr, cos_ptr, sin_ptr, out_ptr, heads, stride_xn, stride_xh, HALF: t
     tl.store(out + HALF, out2.to(tl.bfloat16), mask=mask)
 
 
-def fits(x: torch.Tensor, cos: torch.Tensor) -> bool:
+def rope_fits(x: torch.Tensor, cos: torch.Tensor) -> bool:
     """Whether the kernel takes these tensors: bf16 (the dtype a GPU runs; in fp32 and fp16 a compiler's fused
     multiply-add or conversion shortcuts would round otherwise than eager), a power-of-two half head, unit stride
     along it."""
@@ -69,4 +76,32 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     block = min(triton.next_power_of_2(heads), 16)
     grid = (rows.shape[0], triton.cdiv(heads, block))
     _rope[grid](rows, cos, sin, out, heads, rows.stride(0), rows.stride(1), HALF=dim // 2, BLOCK_H=block)
+    return out
+
+
+@triton.jit
+def _rms_norm(x_ptr, w_ptr, out_ptr, stride_row, cols, eps, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    offsets = tl.arange(0, BLOCK)
+    mask = offsets < cols
+    x = tl.load(x_ptr + row * stride_row + offsets, mask=mask, other=0.0).to(tl.float32)
+    variance = tl.sum(x * x, axis=0) * (1.0 / cols)  # torch's mean: the sum times 1 / n
+    normed = _bf16(x * tl.math.rsqrt(variance + eps))  # eager rounds to the weight's dtype here ...
+    w = tl.load(w_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + row * cols + offsets, _bf16(normed * w).to(tl.bfloat16), mask=mask)  # ... and after the weight
+
+
+def norm_fits(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether `rms_norm` takes these: bf16 input and weight, unit stride along the normalised dim, at most 16,384
+    wide (one row a program)."""
+    return x.dtype == weight.dtype == torch.bfloat16 and x.stride(-1) == 1 and 1 <= x.shape[-1] <= 16384
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """The Qwen flavour of `RMSNorm` (diffusers' `RMSNorm`): statistics in fp32, the normalised value rounded to
+    bf16, then multiplied by the weight and rounded again; one pass over `x`, as a new contiguous tensor."""
+    cols = x.shape[-1]
+    rows = x.reshape(-1, cols)  # a view for any x whose leading dims merge (a copy otherwise)
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    _rms_norm[(rows.shape[0],)](rows, weight, out, rows.stride(0), cols, eps, BLOCK=triton.next_power_of_2(cols))
     return out
