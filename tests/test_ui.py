@@ -135,7 +135,7 @@ def test_more_fields_cannot_read_server_files(engine, tmp_path):
         server = app.state.server
         fields = {"mode": "image2video", "prompt": "a", "num_steps": 1, "num_frames": 5, "resolution": "256"}
         for extra in ({"image": str(secret)}, {"vision_path": str(secret)}, {"name": "../x"}):
-            with pytest.raises(bridge.UIError, match="cannot be set there"):
+            with pytest.raises(bridge.UIError, match="cannot be set by a client"):
                 bridge.submit_generation(server, fields, {}, {}, extra)
         policy = {"mode": "forward_dynamics", "prompt": "a", "num_steps": 1, "domain_name": "bridge_orig"}
         for extra in ({"action_stats": str(tmp_path / "stats.json")}, {"action_path": str(tmp_path / "stats.json")}):

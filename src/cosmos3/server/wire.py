@@ -121,27 +121,36 @@ def parse_extra(extra_params: str | dict | None, extra_args: str | dict | None) 
     return merged
 
 
+def extra_fields(
+    extra: dict[str, Any],
+    dialect_name: str,
+    prefix: str = "extra_params.",
+    media: str = "media come as input_reference, image_reference or video_reference",
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """Request fields a client sends by name (`extra_params`, the playground's "More fields") -> (fields under their
+    canonical names, canonical name -> the name sent). What names a file on the server or belongs to it is refused
+    (`media`: where media come from instead), and so are two names for one field."""
+    aliases = dialect(dialect_name).aliases
+    fields: dict[str, Any] = {}
+    names: dict[str, str] = {}
+    for key, value in extra.items():
+        canonical, param = aliases.get(key, key), f"{prefix}{key}"
+        if canonical in SERVER_FIELDS:
+            raise APIError(400, f"{param} cannot be set by a client ({media})", param)
+        if canonical in fields:
+            raise APIError(400, f"{param} duplicates {names[canonical]}", param)
+        fields[canonical] = value
+        names[canonical] = param
+    return fields, names
+
+
 def merge_fields(top: dict[str, Any], extra: dict[str, Any], dialect_name: str) -> tuple[dict, dict[str, str]]:
     """A route's own fields (wire names, None left out; `size` stands for width and height) and `extra_params` keys
     -> (request fields under their canonical names, canonical name -> the name the client used). One field sent
     twice (two names, or a route field and an extra_params key) must carry one value: a disagreement is an error,
     never a silent choice."""
     aliases = dialect(dialect_name).aliases
-    fields: dict[str, Any] = {}
-    names: dict[str, str] = {}
-    for key, value in extra.items():
-        canonical = aliases.get(key, key)
-        if canonical in SERVER_FIELDS:
-            raise APIError(
-                400,
-                f"extra_params.{key} cannot be set by a client (media come as input_reference, image_reference or "
-                "video_reference)",
-                f"extra_params.{key}",
-            )
-        if canonical in fields:
-            raise APIError(400, f"extra_params.{key} duplicates {names[canonical]}", f"extra_params.{key}")
-        fields[canonical] = value
-        names[canonical] = f"extra_params.{key}"
+    fields, names = extra_fields(extra, dialect_name)
     for key, value in top.items():
         if value is None:
             continue

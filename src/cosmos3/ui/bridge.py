@@ -19,14 +19,13 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from cosmos3.generation.dialects import dialect
 from cosmos3.server import chat
 from cosmos3.server.errors import APIError, QueueFull, ShuttingDown
 from cosmos3.server.inputs import store_action_files, store_file, store_media
 from cosmos3.server.jobs import FINAL, Job, new_id
 from cosmos3.server.state import ServerState
 from cosmos3.server.submit import resolve
-from cosmos3.server.wire import SERVER_FIELDS, random_seed
+from cosmos3.server.wire import extra_fields, random_seed
 
 DIALECT = "python"  # the playground's fields are the Python API's (README "Requests")
 JOB_KIND = "ui"  # the job store's dialect column for playground jobs
@@ -40,23 +39,6 @@ def message_of(exc: APIError) -> str:
     return f"{exc.param}: {exc.message}" if exc.param and exc.param not in exc.message else exc.message
 
 
-def more_fields(extra: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
-    """The "More fields" box: request fields under their Python names or aliases -> (fields, field -> the name
-    typed). What names a file on the server is refused, as in the routes' extra_params: media come as uploads, and
-    an action file typed as a string is fetched by the routes' rules (`submit_generation`), so the box cannot read
-    a path outside the operator's allowed media folder."""
-    aliases = dialect(DIALECT).aliases
-    fields: dict[str, Any] = {}
-    names: dict[str, str] = {}
-    for key, value in extra.items():
-        name = aliases.get(key, key)
-        if name in SERVER_FIELDS:
-            raise UIError(f"More fields: {key} cannot be set there; give media with the upload boxes")
-        fields[name] = value
-        names[name] = f"More fields: {key}"
-    return fields, names
-
-
 def submit_generation(
     server: ServerState,
     fields: dict[str, Any],
@@ -65,9 +47,13 @@ def submit_generation(
     extra: dict[str, Any] | None = None,
 ) -> Job:
     """Keep the uploads (`media`: request field -> local file: image, video, action, action_stats) in a new job's
-    folder, resolve the request with the "More fields" box's `extra` on top, and queue it. A missing seed gets a
+    folder, resolve the request with the "More fields" box's `extra` on top (typed action files are fetched by the
+    routes' rules: URLs, data URIs, the operator's allowed folder), and queue it. A missing seed gets a
     random one, so that it can be shown and reused."""
-    typed, wire = more_fields(extra or {})
+    try:  # the routes' rules for fields sent by name: media only through the upload boxes
+        typed, wire = extra_fields(extra or {}, DIALECT, "More fields: ", "give media with the upload boxes")
+    except APIError as exc:
+        raise UIError(message_of(exc)) from exc
     fields = {k: v for k, v in {**fields, **typed}.items() if v is not None}
     if fields.get("seed") is None:
         fields["seed"] = random_seed()
