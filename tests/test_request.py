@@ -133,3 +133,12 @@ def test_action_fields_in_a_vision_mode_are_refused_not_ignored(field, value):
         resolve(mode="text2video", prompt="x", **{field: value})
     assert err.value.field == field and "only with mode in policy" in str(err.value)
     assert resolve(mode="policy", prompt="x", image=__file__, domain_name="pusht").action_chunk_size == 16
+
+
+def test_chained_chunks_need_a_chunk_that_fills_whole_latent_frames():
+    fields = {"mode": "policy", "prompt": "x", "image": __file__, "domain_name": "pusht", "chunks": 3}
+    with pytest.raises(RequestError) as err:
+        resolve(**fields, action_chunk_size=6)  # 5 frames a chunk (4 new) against 6 actions: the video falls behind
+    assert err.value.field == "action_chunk_size" and "a multiple of the VAE's temporal factor 4" in str(err.value)
+    assert resolve(**fields, action_chunk_size=8).chunks == 3
+    assert resolve(**{**fields, "chunks": 1}, action_chunk_size=6).num_frames == 7  # one chunk: as the reference

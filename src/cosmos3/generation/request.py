@@ -181,7 +181,7 @@ class GenerateRequest:
             if isinstance(value, (str, Path)) and not Path(value).is_file():
                 raise RequestError(name, str(value), "a path to an existing local file", "does not exist")
         if r.is_action:
-            _check_action(r)
+            _check_action(r, temporal)
         else:
             _check_vision(r, spatial, temporal)
         if isinstance(r.fps, int):  # one type for the same value, so that equal requests compare equal
@@ -300,7 +300,7 @@ def _check_vision(r: GenerateRequest, spatial: int | None, temporal: int | None)
         )
 
 
-def _check_action(r: GenerateRequest) -> None:
+def _check_action(r: GenerateRequest, temporal: int | None) -> None:
     _check_number("fps", r.fps, 1, 120)
     if r.domain_name is None:
         raise RequestError(
@@ -345,3 +345,12 @@ def _check_action(r: GenerateRequest) -> None:
     _check_int("chunks", r.chunks, 1, 1000)
     if r.chunks > 1 and r.mode == "inverse_dynamics":
         raise RequestError("chunks", r.chunks, "1 for inverse_dynamics")
+    if r.chunks > 1 and temporal and r.action_chunk_size % temporal:
+        # A chunk makes chunk // temporal * temporal + 1 frames and the next starts from its last one, while the
+        # actions move on by the whole chunk: the video would fall behind its actions with every chunk.
+        raise RequestError(
+            "action_chunk_size",
+            r.action_chunk_size,
+            f"a multiple of the VAE's temporal factor {temporal} when chunks > 1 (each chunk's last frame starts the "
+            "next, and must be where its actions end)",
+        )
