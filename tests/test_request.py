@@ -142,3 +142,12 @@ def test_chained_chunks_need_a_chunk_that_fills_whole_latent_frames():
     assert err.value.field == "action_chunk_size" and "a multiple of the VAE's temporal factor 4" in str(err.value)
     assert resolve(**fields, action_chunk_size=8).chunks == 3
     assert resolve(**{**fields, "chunks": 1}, action_chunk_size=6).num_frames == 7  # one chunk: as the reference
+
+
+def test_an_action_object_without_an_action_array_says_what_is_expected():
+    from cosmos3.generation.actions import load_actions
+
+    with pytest.raises(RequestError, match=r"an object with keys foo.*\[steps\]\[7\] array of numbers, or") as err:
+        load_actions({"foo": 1}, 7)
+    assert err.value.field == "action"
+    assert load_actions({"action": [[0.5] * 7]}, 7).shape == (1, 7)

@@ -38,6 +38,11 @@ def load_actions(source: Any, width: int, field: str = "action") -> np.ndarray:
     data = _read_json(source, field)
     if isinstance(data, dict) and "action" in data:
         data = data["action"]
+    if isinstance(data, dict):  # numpy would make a 0-d object array of it, reported as "not numeric"
+        keys = ", ".join(map(str, list(data)[:5]))
+        raise RequestError(
+            field, f"an object with keys {keys}", f'a [steps][{width}] array of numbers, or {{"action": that array}}'
+        )
     try:
         arr = np.asarray(data, dtype=np.float32)
     except (TypeError, ValueError) as exc:
