@@ -403,14 +403,14 @@ class Reasoner:
 
     def grammar(self, response_format: dict | None) -> str | None:
         """The request's grammar, checked against this tokenizer (a schema llguidance cannot enforce is named)."""
-        from llguidance import LLMatcher
-
         try:
             grammar = grammar_of(response_format)
         except ValueError as exc:  # llguidance's own schema errors
             raise RequestError("response_format.json_schema.schema", "<schema>", "a JSON schema", str(exc)) from exc
         if grammar is None:
             return None
+        from llguidance import LLMatcher  # only for a constrained request
+
         error = LLMatcher.validate_grammar(grammar, self.guidance_tokenizer, limits=guidance_limits())
         if error:
             field = grammar_field(response_format)
