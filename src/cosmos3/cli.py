@@ -320,8 +320,7 @@ def _parse_json(text: str, one_line: bool = False) -> tuple[Any, str | None]:
 
 
 def _not_utf8(data: bytes, exc: UnicodeDecodeError) -> str:
-    line = data.count(b"\n", 0, exc.start) + 1
-    return f"line {line} is not UTF-8 text (byte 0x{data[exc.start]:02x}: {exc.reason})"
+    return f"is not UTF-8 text (byte 0x{data[exc.start]:02x}: {exc.reason})"
 
 
 def read_spec(path: Path) -> list[Any]:
@@ -339,7 +338,7 @@ def read_spec(path: Path) -> list[Any]:
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as exc:
-                entries.append(SpecLineError(n, f"is not UTF-8 text (byte 0x{raw[exc.start]:02x}: {exc.reason})"))
+                entries.append(SpecLineError(n, _not_utf8(raw, exc)))
                 continue
             if line.strip():
                 value, error = _parse_json(line, one_line=True)
@@ -348,7 +347,8 @@ def read_spec(path: Path) -> list[Any]:
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise _spec_error(path, allowed, _not_utf8(data, exc)) from exc
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise _spec_error(path, allowed, f"line {line} {_not_utf8(data, exc)}") from exc
     value, error = _parse_json(text)
     if error is None:
         return value if isinstance(value, list) else [value]
