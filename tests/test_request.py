@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from cosmos3.errors import RequestError
@@ -151,3 +152,21 @@ def test_an_action_object_without_an_action_array_says_what_is_expected():
         load_actions({"foo": 1}, 7)
     assert err.value.field == "action"
     assert load_actions({"action": [[0.5] * 7]}, 7).shape == (1, 7)
+
+
+@pytest.mark.parametrize(
+    ("image", "shown"),
+    [
+        (np.zeros((48, 64), np.uint8), "ndarray of shape [48, 64] and dtype uint8"),  # grayscale
+        (np.zeros((48, 64, 4), np.uint8), "ndarray of shape [48, 64, 4] and dtype uint8"),  # RGBA: was a CHW shape
+        (np.full((4, 4, 3), "a", dtype=object), "ndarray of shape [4, 4, 3] and dtype object"),  # was a TypeError
+        ([[1, 2, 3]], "list"),
+    ],
+)
+def test_an_in_memory_image_of_the_wrong_shape_or_kind_is_named_as_given(image, shown):
+    from cosmos3.media import load_image
+
+    with pytest.raises(RequestError) as err:
+        load_image(image, "image")
+    assert err.value.field == "image" and err.value.value == shown
+    assert load_image(np.zeros((48, 64, 3), np.float32), "image").shape == (3, 48, 64)

@@ -323,15 +323,16 @@ def image_values(frame: Any, field: str) -> torch.Tensor:
     as 0..255; float arrays in [-1, 1] (any negative value), [0, 1] (max <= 1) or 0..255. numpy is HWC, torch CHW."""
     if isinstance(frame, Image.Image):
         return torch.from_numpy(np.array(frame.convert("RGB"), copy=True)).permute(2, 0, 1).float()
+    allowed = "a path, a PIL image, an HxWx3 numpy array or a 3xHxW torch tensor, of numbers"
+    given = type(frame).__name__
+    if isinstance(frame, (np.ndarray, torch.Tensor)):
+        given = f"{given} of shape {list(frame.shape)} and dtype {frame.dtype}"  # as the caller made it
     if isinstance(frame, np.ndarray):
+        numeric = frame.dtype.kind in "biuf"  # torch takes no object or string arrays
         # A copy: a caller's array may be read-only (np.asarray of a PIL image), which torch warns about.
-        frame = torch.from_numpy(np.array(frame, copy=True)).permute(2, 0, 1) if frame.ndim == 3 else None
-    if not isinstance(frame, torch.Tensor) or frame.ndim != 3 or frame.shape[0] != 3:
-        raise RequestError(
-            field,
-            getattr(frame, "shape", type(frame).__name__),
-            "a path, a PIL image, an HxWx3 numpy array or a 3xHxW torch tensor",
-        )
+        frame = torch.from_numpy(np.array(frame, copy=True)).permute(2, 0, 1) if frame.ndim == 3 and numeric else None
+    if not isinstance(frame, torch.Tensor) or frame.ndim != 3 or frame.shape[0] != 3 or frame.is_complex():
+        raise RequestError(field, given, allowed)
     values = frame.detach().cpu().float()
     if frame.is_floating_point():
         if values.min() < 0:
