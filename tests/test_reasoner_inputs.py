@@ -173,3 +173,9 @@ def test_several_media_share_one_budget(monkeypatch):
 def test_an_unknown_reason_keyword_is_named_alone():
     engine = cosmos3.load("tiny", surfaces=["reasoner"])
     refused(lambda: engine.reason("hi", max_tokens=1, video_fps=2, bogus=1), "bogus", "a keyword of max_tokens, ")
+
+
+def test_a_text_part_without_a_string_is_named_by_its_text():
+    engine = cosmos3.load("tiny", surfaces=["reasoner"])
+    message = [{"role": "user", "content": [{"type": "text", "text": 5}]}]
+    refused(lambda: engine.reason(message, max_tokens=1), "messages[0].content[0].text", "a string")

@@ -111,12 +111,14 @@ def template_messages(messages: Any, reasoning: bool, media: MediaReader | None)
         for j, part in enumerate(content):
             where = f"messages[{i}].content[{j}]"
             kind = part.get("type") if isinstance(part, dict) else None
-            if kind == "text" and isinstance(part.get("text"), str):
+            if kind == "text":
+                if not isinstance(part.get("text"), str):
+                    raise RequestError(f"{where}.text", part.get("text"), "a string")
                 parts.append({"type": "text", "text": part["text"]})
             elif kind in ("image_url", "image", "video_url", "video"):
                 if media is None:
                     raise RequestError(
-                        "messages",
+                        where,
                         "<image or video part>",
                         "text-only messages for this checkpoint",
                         "needs a vision tower, and this checkpoint has none (no blocks.*/merger.* weights or "
