@@ -33,7 +33,7 @@ def _bf16(v):
 
 @triton.jit
 def _rope(x_ptr, cos_ptr, sin_ptr, out_ptr, heads, stride_xn, stride_xh, HALF: tl.constexpr, BLOCK_H: tl.constexpr):
-    row = tl.program_id(0)
+    row = tl.program_id(0).to(tl.int64)  # offsets past 2**31 elements (a long video in eager mode)
     h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)[:, None]
     d = tl.arange(0, HALF)[None, :]
     mask = h < heads
@@ -81,7 +81,7 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
 
 @triton.jit
 def _rms_norm(x_ptr, w_ptr, out_ptr, stride_row, cols, eps, BLOCK: tl.constexpr):
-    row = tl.program_id(0)
+    row = tl.program_id(0).to(tl.int64)  # offsets past 2**31 elements (a long video in eager mode)
     offsets = tl.arange(0, BLOCK)
     mask = offsets < cols
     x = tl.load(x_ptr + row * stride_row + offsets, mask=mask, other=0.0).to(tl.float32)
